@@ -1,0 +1,96 @@
+"""medcare_kernels: the fused MoLoRA / LoRA / routing / orthogonality ops behind medcare (tensors in, tensors out).
+
+    molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *,
+                  num_experts, top_k, expert_rank, scaling, dropout=0.0) -> y
+    lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0) -> y
+    route_topk(logits, top_k) -> (gates [..., E] fp32, indices [..., K])
+    orth_penalty(a_base, a_orth) -> scalar
+    reference               the same four functions in plain PyTorch: the math
+    use_backend(name)       auto | torch | triton | ext (also $MEDCARE_KERNELS_BACKEND)
+
+The math is in `medcare_kernels.reference`; the packed layout and shapes in the README and DESIGN.
+Bad arguments raise ValueError naming the argument. Under torch.autocast the GEMMs run in the autocast
+dtype (router math stays fp32); gradients come back in each parameter's own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _backend, _ext, _validate, reference
+from ._backend import BackendUnavailableError, available_backends, current_backend, use_backend
+from ._ext import HAS_EXT
+from .ops import lora_torch, molora_torch, orth_penalty_torch, routing_torch
+
+__all__ = ["molora_linear", "lora_linear", "route_topk", "orth_penalty", "reference", "use_backend",
+           "current_backend", "available_backends", "BackendUnavailableError", "HAS_EXT"]
+__version__ = "0.1.0"
+
+_backend.register("torch", "molora_linear", molora_torch.molora_linear)
+_backend.register("torch", "lora_linear", lora_torch.lora_linear)
+_backend.register("torch", "route_topk", routing_torch.route_topk)
+_backend.register("torch", "orth_penalty", orth_penalty_torch.orth_penalty)
+_backend.mark_unavailable("triton", "this version of medcare_kernels has no Triton kernels yet")
+del _ext  # imported for its side effect: registering (or explaining the absence of) the ext backend
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Like F.linear under torch.autocast: the GEMMs take the autocast dtype; the ops then run with
+    autocast off so nothing inside is cast twice."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, router_weight: torch.Tensor,
+                  router_bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, *, num_experts: int,
+                  top_k: int, expert_rank: int, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """y = x W^T + b + s * sum_{j<K} w_j B_{I_j} A_{I_j} drop(x) + s * Bs As drop(x), routed by softmax top-K.
+
+    Shapes: x [..., Din]; weight [Dout, Din]; bias [Dout] | None; router_weight [E, Din];
+    router_bias [E] | None; lora_a [E*R + Rs, Din] (experts in order, shared last); lora_b [Dout, E*R + Rs].
+    Returns y [..., Dout] in x's dtype (the autocast dtype under autocast).
+    """
+    _validate.check_molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts,
+                                  top_k, expert_rank, scaling, dropout)
+    x = _autocast_input(x)
+    impl = _backend.resolve("molora_linear", x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts=num_experts,
+                    top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, *, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """y = x W^T + b + s * B A drop(x).
+
+    Shapes: x [..., Din]; weight [Dout, Din]; bias [Dout] | None; lora_a [R, Din]; lora_b [Dout, R]
+    (several adapters with the same scaling pack along R). Returns y [..., Dout].
+    """
+    _validate.check_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout)
+    x = _autocast_input(x)
+    impl = _backend.resolve("lora_linear", x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(x, weight, bias, lora_a, lora_b, scaling=scaling, dropout=dropout)
+
+
+def route_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (fp32) -> top-K (ties to the lower index) -> renormalise.
+
+    Shapes: logits [..., E] -> gates [..., E] fp32 (zero where unselected, differentiable into logits),
+    indices [..., K] int64.
+    """
+    _validate.check_route_topk(logits, top_k)
+    return _backend.resolve("route_topk", logits.device)(logits, top_k)
+
+
+def orth_penalty(a_base: Sequence[torch.Tensor], a_orth: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_i sum_jk |A_base_i A_orth_i^T|_jk over all pairs, fp32 accumulation, as a scalar tensor.
+
+    Shapes: a_base[i] [R1_i, Din_i], a_orth[i] [R2_i, Din_i]; pairs may differ in Din and ranks.
+    """
+    _validate.check_orth_penalty(a_base, a_orth)
+    return _backend.resolve("orth_penalty", a_base[0].device)(list(a_base), list(a_orth))

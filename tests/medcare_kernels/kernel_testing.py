@@ -1,0 +1,100 @@
+"""Helpers for kernel tests: input builders, the tolerance rule of DESIGN §5, and the backends under test."""
+
+from __future__ import annotations
+
+import torch
+
+import medcare_kernels as mk
+from medcare_kernels import _backend
+
+# Odd shapes on purpose: T=1, Din=77, Dout=130, E=1, K=E, Rs=0 (DESIGN §5).
+# (T, Din, Dout, E, K, R, Rs)
+MOLORA_SHAPES = [
+    (1, 16, 24, 4, 2, 4, 8),
+    (37, 77, 130, 8, 2, 4, 8),
+    (13, 32, 40, 1, 1, 4, 4),
+    (9, 24, 16, 4, 4, 2, 6),
+    (21, 40, 33, 3, 2, 5, 0),
+]
+# (T, Din, Dout, R)
+LORA_SHAPES = [(1, 16, 24, 4), (37, 77, 130, 8), (64, 48, 20, 16), (5, 7, 3, 1)]
+
+
+def backends_for(op: str, device: str = "cpu") -> list[str]:
+    """Every non-auto backend that implements `op` and runs on `device` here: all are held to the same tests."""
+    dev = torch.device(device)
+    names = []
+    for name in ("torch", "triton", "ext"):
+        if op in _backend._registry[name] and _backend._runs_on(name, dev):
+            names.append(name)
+    return names
+
+
+def molora_inputs(T, d_in, d_out, E, R, Rs, *, dtype=torch.float32, device="cpu", bias=True, router_bias=True,
+                  lead=None, adapter_dtype=None):
+    """Random inputs of realistic scale (B non-zero, unlike at init, so every gradient is exercised)."""
+    adt = adapter_dtype or dtype
+    shape = (T, d_in) if lead is None else (*lead, d_in)
+    x = torch.randn(shape, dtype=dtype, device=device)
+    w = torch.randn(d_out, d_in, dtype=dtype, device=device) / d_in**0.5
+    b = torch.randn(d_out, dtype=dtype, device=device) if bias else None
+    rw = torch.randn(E, d_in, dtype=torch.float32 if adt != torch.float64 else adt, device=device)
+    rb = torch.randn(E, dtype=rw.dtype, device=device) if router_bias else None
+    a = torch.randn(E * R + Rs, d_in, dtype=adt, device=device) / d_in**0.5
+    bb = torch.randn(d_out, E * R + Rs, dtype=adt, device=device) / (E * R + Rs) ** 0.5
+    return x, w, b, rw, rb, a, bb
+
+
+def lora_inputs(T, d_in, d_out, R, *, dtype=torch.float32, device="cpu", bias=True, lead=None):
+    shape = (T, d_in) if lead is None else (*lead, d_in)
+    x = torch.randn(shape, dtype=dtype, device=device)
+    w = torch.randn(d_out, d_in, dtype=dtype, device=device) / d_in**0.5
+    b = torch.randn(d_out, dtype=dtype, device=device) if bias else None
+    a = torch.randn(R, d_in, dtype=dtype, device=device) / d_in**0.5
+    bb = torch.randn(d_out, R, dtype=dtype, device=device) / R**0.5
+    return x, w, b, a, bb
+
+
+def leaves(tensors, *, dtype=None, trainable=None):
+    """Fresh leaf copies (optionally cast) with requires_grad on the positions in `trainable`."""
+    out = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            out.append(None)
+            continue
+        c = t.detach().clone() if dtype is None else t.detach().to(dtype)
+        out.append(c.requires_grad_(trainable is None or i in trainable))
+    return out
+
+
+def run_with_grads(fn, inputs, grad_out=None, seed=1234):
+    """Call fn(*inputs), backprop a fixed random upstream gradient; return (y, [grad per input])."""
+    torch.manual_seed(seed)
+    y = fn(*inputs)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y.backward(grad_out.to(device=y.device, dtype=y.dtype))
+    grads = [None if t is None or t.grad is None else t.grad for t in inputs]
+    return y, grads, grad_out
+
+
+def max_err(a: torch.Tensor, truth: torch.Tensor) -> float:
+    return (a.double() - truth.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_rule(name: str, fused: torch.Tensor, same_dtype_ref: torch.Tensor, truth: torch.Tensor):
+    """DESIGN §5: the fused error is at most 2x the same-dtype PyTorch error against float64, plus one ulp
+    of the output's scale (so exact reference results do not demand exact fused results)."""
+    assert fused.shape == truth.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(truth.shape)}"
+    assert fused.dtype == same_dtype_ref.dtype, f"{name}: dtype {fused.dtype} != {same_dtype_ref.dtype}"
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values"
+    eps = torch.finfo(fused.dtype).eps
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    err, ref_err = max_err(fused, truth), max_err(same_dtype_ref, truth)
+    bound = 2.0 * ref_err + eps * scale
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e} + 1 ulp ({bound:.3e})"
+
+
+def call_backend(backend: str, fn, *args, **kwargs):
+    with mk.use_backend(backend):
+        return fn(*args, **kwargs)

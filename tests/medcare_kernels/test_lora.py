@@ -1,0 +1,70 @@
+"""lora_linear, every backend against medcare_kernels.reference: output and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import (LORA_SHAPES, assert_within_rule, backends_for, call_backend, leaves, lora_inputs,
+                            run_with_grads)
+
+import medcare_kernels as mk
+from medcare_kernels import reference
+
+BACKENDS = backends_for("lora_linear")
+NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
+TRAINABLE = (0, 3, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T, d_in, d_out, R", LORA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_matches_reference(backend, T, d_in, d_out, R, dtype, bias):
+    base = lora_inputs(T, d_in, d_out, R, dtype=torch.float64, bias=bias)
+    kw = dict(scaling=2.0)
+    y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.lora_linear, *t, **kw),
+                                 leaves(base, dtype=dtype, trainable=TRAINABLE))
+    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw),
+                                         leaves(base, dtype=dtype, trainable=TRAINABLE), g)
+    y_true, grads_true, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw),
+                                           leaves(base, trainable=TRAINABLE), g)
+    assert_within_rule("y", y, y_ref, y_true)
+    for i in TRAINABLE:
+        assert_within_rule(f"d {NAMES[i]}", grads[i], grads_ref[i], grads_true[i])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_gradcheck_float64_3d(backend, dropout):
+    inputs = leaves(lora_inputs(0, 9, 6, 3, dtype=torch.float64, lead=(2, 3)))
+
+    def f(*t):
+        torch.manual_seed(11)  # gradcheck re-runs forward: the same mask every time
+        return call_backend(backend, mk.lora_linear, *t, scaling=1.5, dropout=dropout)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_dropout_matches_reference_with_the_same_seed(backend):
+    base = lora_inputs(0, 20, 9, 6, dtype=torch.float64, lead=(4, 5))
+    kw = dict(scaling=2.0, dropout=0.05)
+    y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.lora_linear, *t, **kw), leaves(base), seed=9)
+    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw), leaves(base), g, seed=9)
+    torch.testing.assert_close(y, y_ref)
+    for i, name in enumerate(NAMES):
+        torch.testing.assert_close(grads[i], grads_ref[i], msg=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_under_autocast_runs_in_the_autocast_dtype(backend):
+    x, w, b, a, bb = leaves(lora_inputs(7, 16, 8, 4), trainable=(0, 3, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call_backend(backend, mk.lora_linear, x, w, b, a, bb, scaling=2.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == a.grad.dtype == bb.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference.lora_linear(x.detach().bfloat16(), w.bfloat16(), b.bfloat16(), a.detach().bfloat16(),
+                                     bb.detach().bfloat16(), scaling=2.0)
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,96 @@
+"""molora_linear, every backend against medcare_kernels.reference: output and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import (MOLORA_SHAPES, assert_within_rule, backends_for, call_backend, leaves, molora_inputs,
+                            run_with_grads)
+
+import medcare_kernels as mk
+from medcare_kernels import reference
+
+BACKENDS = backends_for("molora_linear")
+NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "lora_a", "lora_b")
+TRAINABLE = (0, 3, 4, 5, 6)   # weight and bias stay frozen, as in training
+
+
+def _kw(E, K, R, dropout=0.0):
+    return dict(num_experts=E, top_k=K, expert_rank=R, scaling=2.0, dropout=dropout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T, d_in, d_out, E, K, R, Rs", MOLORA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_molora_matches_reference(backend, T, d_in, d_out, E, K, R, Rs, dtype):
+    base = molora_inputs(T, d_in, d_out, E, R, Rs, dtype=torch.float64)
+    kw = _kw(E, K, R)
+    fused_in = leaves(base, dtype=dtype, trainable=TRAINABLE)
+    ref_in = leaves(base, dtype=dtype, trainable=TRAINABLE)
+    truth_in = leaves(base, trainable=TRAINABLE)
+    y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw), fused_in)
+    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), ref_in, g)
+    y_true, grads_true, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), truth_in, g)
+    assert_within_rule("y", y, y_ref, y_true)
+    for i in TRAINABLE:
+        assert_within_rule(f"d {NAMES[i]}", grads[i], grads_ref[i], grads_true[i])
+    assert grads[1] is None and grads[2] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_molora_gradcheck_float64(backend, bias):
+    inputs = leaves(molora_inputs(6, 10, 7, 4, 3, 2, dtype=torch.float64, bias=bias, router_bias=bias))
+    kw = _kw(4, 2, 3)
+    assert torch.autograd.gradcheck(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw),
+                                    tuple(inputs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_molora_3d_input_and_fp32_adapters_with_bf16_activations(backend):
+    base = molora_inputs(0, 24, 40, 4, 4, 8, dtype=torch.float64, lead=(3, 5))
+    kw = _kw(4, 2, 4)
+    # The module layout of medcare: bf16 activations and base weight, fp32 router and adapters.
+    mixed = [t.to(torch.bfloat16) if i in (0, 1, 2) else t.float() for i, t in enumerate(base)]
+    fused_in, ref_in = leaves(mixed, trainable=TRAINABLE), leaves(mixed, trainable=TRAINABLE)
+    y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw), fused_in)
+    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), ref_in, g)
+    y_true, grads_true, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), leaves(base, trainable=TRAINABLE), g)
+    assert y.shape == (3, 5, 40) and y.dtype == torch.bfloat16
+    for i in TRAINABLE:
+        assert grads[i].dtype == fused_in[i].dtype, f"d {NAMES[i]} must come back in the parameter's dtype"
+    assert_within_rule("y", y, y_ref.to(y.dtype), y_true)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_molora_dropout_matches_reference_with_the_same_seed(backend):
+    base = molora_inputs(11, 20, 9, 3, 2, 4, dtype=torch.float64)
+    kw = _kw(3, 2, 2, dropout=0.3)
+    fused_in, ref_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
+    y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw), fused_in, seed=5)
+    after_fused = torch.get_rng_state()
+    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), ref_in, g, seed=5)
+    torch.testing.assert_close(y, y_ref)
+    for i in TRAINABLE:
+        torch.testing.assert_close(grads[i], grads_ref[i], msg=f"d {NAMES[i]}")
+    # Backward redrew the mask without moving the global generator past where forward left it.
+    assert torch.equal(after_fused, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_molora_ties_route_to_lower_experts(backend):
+    x, w, b, rw, rb, a, bb = molora_inputs(5, 12, 6, 4, 3, 0, dtype=torch.float64)
+    rw, rb = torch.zeros_like(rw), torch.zeros_like(rb)            # every router probability equal
+    kw = _kw(4, 2, 3)
+    y = call_backend(backend, mk.molora_linear, x, w, b, rw, rb, a, bb, **kw)
+    want = torch.nn.functional.linear(x, w, b) + 2.0 * 0.5 * (x @ a[:6].T) @ bb[:, :6].T
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_molora_zero_tokens(backend):
+    inputs = leaves(molora_inputs(0, 8, 5, 2, 2, 2, dtype=torch.float32), trainable=TRAINABLE)
+    y = call_backend(backend, mk.molora_linear, *inputs, **_kw(2, 1, 2))
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert inputs[5].grad.abs().sum() == 0
