@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs medcare and what it needs into the current Python, on a fresh machine, without a GPU.
+# torch first and pinned: on a CPU-only machine an unpinned torch (asked for by us or by any dependency)
+# would pull gigabytes of CUDA wheels; torch==2.13.0 resolves to the local CPU wheel. A machine that already
+# has a torch (the GPU machine's CUDA build) keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: installing the CPU build of torch (torch==2.13.0)"
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+echo "setup: installing medcare (editable) with its test extras"
+"$PY" -m pip install --quiet -e ".[${MEDCARE_EXTRAS:-test}]"
+"$PY" -c "import torch, medcare_kernels; print(f'setup: torch {torch.__version__}, medcare_kernels backends:', medcare_kernels.available_backends())"
