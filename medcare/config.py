@@ -1,0 +1,112 @@
+"""Typed configuration of the two MedCare stages. Every check runs up front and all problems are reported
+together (one ConfigError listing each), before a model is loaded or a file is written."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; str() lists every problem on its own line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration: " + "; ".join(problems))
+
+
+def _check_common(cfg, problems: list[str]) -> None:
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name.endswith("rank") and (not isinstance(v, int) or v < (0 if f.name == "shared_rank" else 1)):
+            problems.append(f"{f.name} must be an int >= {0 if f.name == 'shared_rank' else 1}, got {v!r}")
+        if f.name.endswith("alpha") and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            problems.append(f"{f.name} must be a positive number, got {v!r}")
+        if f.name.endswith("dropout") and (not isinstance(v, (int, float)) or not 0.0 <= v < 1.0):
+            problems.append(f"{f.name} must be in [0, 1), got {v!r}")
+    if cfg.adapter_dtype not in ADAPTER_DTYPES:
+        problems.append(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {cfg.adapter_dtype!r}")
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1, knowledge aggregation: attention LoRA + MoLoRA (routed experts + shared LoRA) on the MLP."""
+
+    attn_rank: int = field(default=16, metadata={"help": "rank of the attention LoRA (q/k/v/o)"})
+    attn_alpha: float = field(default=32.0, metadata={"help": "attention LoRA alpha; scaling = alpha / rank"})
+    attn_dropout: float = field(default=0.05, metadata={"help": "dropout on the attention LoRA input"})
+    num_experts: int = field(default=8, metadata={"help": "E, routed LoRA experts per MLP projection"})
+    top_k: int = field(default=2, metadata={"help": "K, experts each token is routed to"})
+    expert_rank: int = field(default=16, metadata={"help": "R, rank of each routed expert"})
+    shared_rank: int = field(default=32, metadata={"help": "Rs, rank of the always-on shared (knowledge) LoRA"})
+    mlp_alpha: float = field(default=32.0, metadata={"help": "MoLoRA alpha; scaling = alpha / expert_rank, "
+                                                             "shared by experts and the shared LoRA"})
+    mlp_dropout: float = field(default=0.0, metadata={"help": "dropout on the MoLoRA input (paper: 0)"})
+    attn_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS),
+                                    metadata={"help": "attention projections"})
+    mlp_targets: list[str] = field(default_factory=lambda: list(MLP_TARGETS), metadata={"help": "MLP projections"})
+    adapter_dtype: str = field(default="float32", metadata={"help": "dtype of adapter and router parameters "
+                                                                    "(float32 as the paper; auto = the model's)"})
+
+    @property
+    def attn_scaling(self) -> float:
+        return self.attn_alpha / self.attn_rank
+
+    @property
+    def mlp_scaling(self) -> float:
+        return self.mlp_alpha / self.expert_rank
+
+    def validate(self) -> Stage1Config:
+        problems: list[str] = []
+        _check_common(self, problems)
+        if isinstance(self.num_experts, int) and isinstance(self.top_k, int):
+            if self.num_experts < 1:
+                problems.append(f"num_experts must be >= 1, got {self.num_experts}")
+            if not 1 <= self.top_k <= max(self.num_experts, 1):
+                problems.append(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        else:
+            problems.append(f"num_experts and top_k must be ints, got {self.num_experts!r}, {self.top_k!r}")
+        if not self.mlp_targets:
+            problems.append("mlp_targets is empty; stage 1 needs at least one MLP projection")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2, downstream alignment: knowledge LoRA (from stage 1's shared LoRA) + new alignment LoRA."""
+
+    rank: int = field(default=32, metadata={"help": "rank of the alignment LoRA (the knowledge LoRA keeps "
+                                                    "stage 1's shared rank)"})
+    scaling: float = field(default=2.0, metadata={"help": "LoRA scaling of both adapters (stage 1's MoLoRA "
+                                                          "scaling, so the knowledge LoRA is unchanged)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input (one shared draw)"})
+    orth_lambda: float = field(default=1.0, metadata={"help": "weight of the orthogonality penalty "
+                                                              "sum |A_knowledge A_alignment^T|"})
+    freeze_knowledge: bool = field(default=False, metadata={"help": "train the alignment LoRA only"})
+    targets: list[str] = field(default_factory=lambda: list(MLP_TARGETS), metadata={"help": "MLP projections"})
+    adapter_dtype: str = field(default="float32", metadata={"help": "dtype of adapter parameters"})
+
+    def validate(self) -> Stage2Config:
+        problems: list[str] = []
+        _check_common(self, problems)
+        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            problems.append(f"scaling must be a finite number, got {self.scaling!r}")
+        if not isinstance(self.orth_lambda, (int, float)) or not math.isfinite(self.orth_lambda) or self.orth_lambda < 0:
+            problems.append(f"orth_lambda must be a number >= 0, got {self.orth_lambda!r}")
+        if not self.targets:
+            problems.append("targets is empty; stage 2 needs at least one MLP projection")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

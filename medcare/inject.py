@@ -1,0 +1,127 @@
+"""Put the MedCare adapters into a Hugging Face decoder LM: modules are replaced on the model instance
+(never by patching transformers classes), everything that is not an adapter is frozen, and a report says
+what was replaced and how many parameters train.
+
+Works with any model whose decoder blocks name their projections q/k/v/o_proj and gate/up/down_proj as
+nn.Linear: Qwen2 (which also loads Qwen1.5), Qwen3, Llama, Mistral.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import Stage1Config, Stage2Config
+from .layers import LoRALinear, MoLoRALinear
+
+ADAPTER_TYPES = (LoRALinear, MoLoRALinear)
+
+
+class InjectionError(ValueError):
+    """The model does not have the projections the stage needs, or already carries adapters."""
+
+
+@dataclass
+class InjectionReport:
+    replaced: dict[str, int] = field(default_factory=dict)   # target leaf name -> modules replaced
+    trainable: int = 0
+    total: int = 0
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{n} x{c}" for n, c in self.replaced.items())
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        return f"replaced {parts}; trainable parameters {self.trainable:,} of {self.total:,} ({pct:.2f}%)"
+
+
+def _linears(model: nn.Module, names: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    """(qualified name, parent, attribute, layer) of every nn.Linear whose attribute name is in `names`."""
+    for parent_name, parent in list(model.named_modules()):
+        if isinstance(parent, ADAPTER_TYPES):
+            continue
+        for attr, child in parent.named_children():
+            if attr in names and isinstance(child, nn.Linear):
+                yield (f"{parent_name}.{attr}" if parent_name else attr), parent, attr, child
+
+
+def adapter_modules(model: nn.Module, kind: type | tuple = ADAPTER_TYPES) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) of every medcare adapter module of the given type(s), in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            yield name, module
+
+
+def _replace(model: nn.Module, names: tuple[str, ...], build) -> dict[str, int]:
+    if any(True for _ in adapter_modules(model)):
+        raise InjectionError("the model already carries medcare adapters; load a fresh base model")
+    counts = dict.fromkeys(names, 0)
+    for _, parent, attr, layer in list(_linears(model, names)):
+        module = build(attr, layer)
+        module.train(layer.training)  # an eval-mode model stays in eval mode (no adapter dropout)
+        setattr(parent, attr, module)
+        counts[attr] += 1
+    missing = [n for n, c in counts.items() if c == 0]
+    if missing:
+        kind = type(model).__name__
+        raise InjectionError(f"{kind} has no nn.Linear modules named {', '.join(missing)}; medcare supports "
+                             f"decoder LMs with q/k/v/o_proj and gate/up/down_proj (Qwen2/Qwen1.5, Qwen3, Llama, "
+                             f"Mistral)")
+    return counts
+
+
+def freeze_non_adapters(model: nn.Module) -> InjectionReport:
+    """requires_grad only on adapter parameters (the adapters' base layers stay frozen); count them."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in adapter_modules(model):
+        for name, p in module.named_parameters(recurse=False):
+            p.requires_grad_(True)
+    report = InjectionReport()
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        report.total += p.numel()
+        report.trainable += p.numel() if p.requires_grad else 0
+    return report
+
+
+def apply_stage1(model: nn.Module, cfg: Stage1Config) -> InjectionReport:
+    """Attention LoRA on cfg.attn_targets, MoLoRA (experts + shared LoRA + router) on cfg.mlp_targets."""
+    cfg.validate()
+
+    def build(attr: str, layer: nn.Linear) -> nn.Module:
+        if attr in cfg.mlp_targets:
+            return MoLoRALinear(layer, num_experts=cfg.num_experts, top_k=cfg.top_k, expert_rank=cfg.expert_rank,
+                                shared_rank=cfg.shared_rank, scaling=cfg.mlp_scaling, dropout=cfg.mlp_dropout,
+                                dtype=cfg.adapter_dtype)
+        return LoRALinear(layer, {"attention": cfg.attn_rank}, scaling=cfg.attn_scaling, dropout=cfg.attn_dropout,
+                          dtype=cfg.adapter_dtype)
+
+    counts = _replace(model, tuple(cfg.attn_targets) + tuple(cfg.mlp_targets), build)
+    report = freeze_non_adapters(model)
+    report.replaced = counts
+    return report
+
+
+def apply_stage2(model: nn.Module, cfg: Stage2Config, knowledge_rank: int) -> InjectionReport:
+    """Knowledge (rank = stage 1's shared rank) + alignment LoRAs, packed in that order, on cfg.targets.
+
+    The knowledge slots are left at their fresh initialisation: the transition (checkpoint.py) copies
+    stage 1's shared LoRA into them. With knowledge_rank 0 only the alignment LoRA exists.
+    """
+    cfg.validate()
+    adapters = {"knowledge": knowledge_rank, "alignment": cfg.rank} if knowledge_rank else {"alignment": cfg.rank}
+
+    def build(attr: str, layer: nn.Linear) -> nn.Module:
+        return LoRALinear(layer, adapters, scaling=cfg.scaling, dropout=cfg.dropout, dtype=cfg.adapter_dtype)
+
+    counts = _replace(model, tuple(cfg.targets), build)
+    if cfg.freeze_knowledge and knowledge_rank:
+        for _, module in adapter_modules(model, LoRALinear):
+            module.freeze_adapter("knowledge")
+    report = freeze_non_adapters(model)
+    report.replaced = counts
+    return report
