@@ -9,6 +9,8 @@ Options follow Hugging Face TrainingArguments names (learning_rate, num_train_ep
 per_device_train_batch_size, gradient_accumulation_steps, bf16, gradient_checkpointing, save_steps,
 resume_from_checkpoint, report_to, ...), so torchrun / accelerate launch / FSDP / DeepSpeed work as usual;
 the adapter options are the fields of medcare.config.Stage1Config / Stage2Config (`--help` lists all).
+`--config FILE` (YAML or JSON, a mapping of option names to values) can hold any of them; the command
+line wins over the file. recipes/ has the paper's settings for Qwen1.5-7B.
 Defaults are the paper's recipe: lr 2e-4 cosine, 3% warmup, batch 4 x 8 accumulation, 1 epoch in stage 1
 and 3 in stage 2, bf16 where the GPU supports it.
 
@@ -18,6 +20,7 @@ attention adapter); it is converted in memory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -76,22 +79,62 @@ def _rename_output(argv: list[str]) -> list[str]:
     return out
 
 
+def _pop_config(argv: list[str]) -> tuple[list[str], str | None]:
+    """Remove `--config FILE` (or --config=FILE) from argv."""
+    out, path, it = [], None, iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+            if path is None:
+                raise UserError("--config needs a file (YAML or JSON)")
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            out.append(a)
+    return out, path
+
+
+def read_config_file(path: str) -> dict:
+    """A flat mapping of option name -> value from a YAML or JSON file (no code is ever executed)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such config file")
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
+        raise UserError(f"{path}: unreadable config file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a config file must be a mapping of option names to values")
+    return {("output_dir" if k == "output" else k): v for k, v in values.items()}
+
+
 def parse_stage_args(stage: int, argv: list[str]):
-    """(RunArguments, Stage1Config | Stage2Config, TrainingArguments), or UserError listing every problem."""
+    """(RunArguments, Stage1Config | Stage2Config, TrainingArguments), or UserError listing every problem.
+    Precedence: command line > --config file > the paper's recipe > library defaults."""
     from transformers import HfArgumentParser, TrainingArguments
 
     cfg_cls = Stage1Config if stage == 1 else Stage2Config
     parser = HfArgumentParser((RunArguments, cfg_cls, TrainingArguments), prog=f"python -m medcare.train stage{stage}")
     parser.set_defaults(**_recipe_defaults(stage))
+    argv, config_path = _pop_config(_rename_output(argv))
+    from_file = read_config_file(config_path) if config_path else {}
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise UserError(f"{config_path}: unknown options {', '.join(unknown)} (see --help)")
+    parser.set_defaults(**from_file)
     try:
-        run, cfg, targs = parser.parse_args_into_dataclasses(_rename_output(argv))
+        run, cfg, targs = parser.parse_args_into_dataclasses(argv)
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     problems = []
     for name in ("model", "data") + (("stage1",) if stage == 2 else ()):
         if not getattr(run, name):
             problems.append(f"--{name} is required")
-    if "--output_dir" not in " ".join(_rename_output(argv)):
+    if not targs.output_dir:
         problems.append("--output is required")
     if run.label_mask not in ("assistant", "official"):
         problems.append(f"--label_mask must be assistant or official, got {run.label_mask!r}")
@@ -178,6 +221,8 @@ def _trainer_class():
             self.stage_meta, self.orth_lambda = stage_meta, orth_lambda
             self.extra_tensors = extra_tensors or {}
             self._orth_sum, self._orth_n = 0.0, 0
+            self._orth_start: float | None = None  # the penalty before the first update, logged once
+            self._orth_start_logged = False
             self._orth_in_forward = self.is_fsdp_enabled or (
                 self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
@@ -201,6 +246,8 @@ def _trainer_class():
                 penalty = orth_loss(model)
             if penalty is None:
                 return out
+            if self._orth_start is None:
+                self._orth_start = float(penalty.detach())
             self._orth_sum += penalty.detach()
             self._orth_n += 1
             extra = self._orth_weight(num_items_in_batch) * penalty
@@ -210,6 +257,8 @@ def _trainer_class():
             if self._orth_n and "loss" in logs:
                 logs["orth_loss"] = round(float(self._orth_sum) / self._orth_n, 4)
                 self._orth_sum, self._orth_n = 0.0, 0
+                if not self._orth_start_logged:
+                    logs["orth_loss_start"], self._orth_start_logged = round(self._orth_start, 4), True
             super().log(logs, start_time)
 
         def _save(self, output_dir=None, state_dict=None):
@@ -226,21 +275,34 @@ def _trainer_class():
     return MedCareTrainer
 
 
-def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0, extra_tensors=None) -> None:
-    if targs.gradient_checkpointing:
+def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0, extra_tensors=None) -> list[dict]:
+    """Train with the HF Trainer, save the stage directory to targs.output_dir; return the log history."""
+    # transformers >= 5.2x calls it activation_checkpointing; older releases gradient_checkpointing.
+    if getattr(targs, "activation_checkpointing", False) or targs.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-        if targs.gradient_checkpointing_kwargs is None:
-            targs.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+            if hasattr(targs, name) and getattr(targs, name) is None:
+                setattr(targs, name, {"use_reentrant": False})
     model.config.use_cache = False
     trainer = _trainer_class()(model=model, args=targs, train_dataset=dataset,
                                data_collator=data_mod.DataCollator(tokenizer), processing_class=tokenizer,
                                stage_meta=meta, orth_lambda=orth_lambda, extra_tensors=extra_tensors)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model(targs.output_dir)
+    return trainer.state.log_history
 
 
 # -------------------------------------------------------------------------------------------- stages
-def run_stage1(argv: list[str]) -> str:
+@dataclass
+class StageResult:
+    output: str
+    log_history: list[dict] = field(default_factory=list)
+
+    def logged(self, key: str) -> list[float]:
+        return [float(h[key]) for h in self.log_history if key in h]
+
+
+def run_stage1(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(1, argv)
     check_model_dir(run.model)
     check_data(run)
@@ -250,12 +312,12 @@ def run_stage1(argv: list[str]) -> str:
     dataset = build_dataset(run, tokenizer)
     meta = {"stage": 1, "stage1": cfg.to_dict(),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
-    _fit(model, tokenizer, dataset, targs, meta)
+    history = _fit(model, tokenizer, dataset, targs, meta)
     print(f"medcare: stage 1 saved to {targs.output_dir}")
-    return targs.output_dir
+    return StageResult(targs.output_dir, history)
 
 
-def run_stage2(argv: list[str]) -> str:
+def run_stage2(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(2, argv)
     check_model_dir(run.model)
     stage1 = ckpt.load_stage1(run.stage1, run.official_top_k)
@@ -269,12 +331,12 @@ def run_stage2(argv: list[str]) -> str:
     meta = {"stage": 2, "stage1": stage1.stage1.to_dict(), "stage2": cfg.to_dict(),
             "stage1_dir": os.path.abspath(run.stage1),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
-    _fit(model, tokenizer, dataset, targs, meta, orth_lambda=cfg.orth_lambda, extra_tensors=attention)
+    history = _fit(model, tokenizer, dataset, targs, meta, orth_lambda=cfg.orth_lambda, extra_tensors=attention)
     print(f"medcare: stage 2 saved to {targs.output_dir}")
-    return targs.output_dir
+    return StageResult(targs.output_dir, history)
 
 
-def run_export(argv: list[str]) -> str:
+def run_export(argv: list[str]) -> StageResult:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m medcare.train export",
@@ -299,7 +361,7 @@ def run_export(argv: list[str]) -> str:
 
     ckpt.publish_dir(build, args.output)
     print(f"medcare: merged {merged} adapters into {base}; plain Hugging Face checkpoint written to {args.output}")
-    return args.output
+    return StageResult(args.output)
 
 
 def _export_dtype(base: str, name: str) -> torch.dtype:

@@ -18,6 +18,7 @@ import os
 import random
 import shlex
 import sys
+import time
 
 import torch
 
@@ -129,7 +130,7 @@ def build_base_model(out_dir: str, texts: list[str]) -> str:
 
 
 def _texts(paths: tuple[str, str]) -> list[str]:
-    from .data import load_records
+    from ..data import load_records
 
     texts = []
     for conv in load_records(list(paths)).records:
@@ -147,14 +148,47 @@ def _free_dir(base: str) -> str:
 
 TRAIN_FLAGS = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate",
                "3e-3", "--logging_steps", "5", "--save_strategy", "no", "--warmup_steps", "0.1",
-               "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+               "--dataloader_num_workers", "0"]
 
 
-def _run(argv: list[str]) -> None:
-    from .train import COMMANDS
+def _run(argv: list[str]):
+    from ..train import COMMANDS
 
     print(f"\n$ python -m medcare.train {shlex.join(argv)}", flush=True)
-    COMMANDS[argv[0]](argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
+
+
+@torch.no_grad()
+def expert_load(base: str, stage1: str, data_path: str, max_records: int = 64) -> torch.Tensor:
+    """Share of routed slots each expert received, over every MoLoRA projection, on the stage-1 data:
+    a forward pass of the stage-1 model with hooks that recompute each projection's top-k routing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import medcare_kernels as mk
+
+    from .. import checkpoint as ckpt
+    from ..data import SupervisedDataset, load_records
+    from ..inject import adapter_modules, apply_stage1
+    from ..layers import MoLoRALinear
+
+    stage = ckpt.read_stage(stage1, expect_stage=1)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    apply_stage1(model, stage.stage1)
+    ckpt.load_adapter_state(model, stage.tensors)
+    counts = torch.zeros(stage.stage1.num_experts)
+
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        _, idx = mk.route_topk(torch.nn.functional.linear(x, module.router_weight, module.router_bias), module.top_k)
+        counts.add_(torch.bincount(idx.flatten(), minlength=module.num_experts).float())
+
+    for _, m in adapter_modules(model, MoLoRALinear):
+        m.register_forward_pre_hook(hook)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    dataset = SupervisedDataset(load_records([data_path]).records[:max_records], tokenizer)
+    for i in range(len(dataset)):
+        model(torch.tensor([dataset[i]["input_ids"]]))
+    return counts / counts.sum()
 
 
 @torch.no_grad()
@@ -162,8 +196,8 @@ def verify_export(base: str, stage2: str, export: str, sample: list[dict]) -> fl
     """Max |logits(stage-2 adapters) - logits(exported plain model)| on one demo conversation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import checkpoint as ckpt
-    from .config import Stage2Config
+    from .. import checkpoint as ckpt
+    from ..config import Stage2Config
 
     tokenizer = AutoTokenizer.from_pretrained(export)
     ids = torch.tensor([tokenizer.apply_chat_template(sample, tokenize=True)["input_ids"]])
@@ -181,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=None, help="demo directory (default ./medcare-demo, or the next free -N)")
     ap.add_argument("--epochs", default="4", help="epochs of each stage (default 4)")
     args = ap.parse_args(argv or [])
+    t0 = time.time()
     out = os.path.abspath(args.output or _free_dir("medcare-demo"))
     if os.path.exists(out) and os.listdir(out):
         print(f"medcare: error: {out} already exists and is not empty; choose a new --output", file=sys.stderr)
@@ -190,10 +225,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medcare demo: data in {out}/data, tiny Qwen2 base model + tokenizer in {base}")
     flags = TRAIN_FLAGS + ["--num_train_epochs", args.epochs]
     s1, s2, ex = (os.path.join(out, d) for d in ("stage1", "stage2", "export"))
-    _run(["stage1", "--model", base, "--data", data[0], "--output", s1, *flags])
-    _run(["stage2", "--model", base, "--stage1", s1, "--data", data[1], "--output", s2, *flags])
-    _run(["export", "--stage2", s2, "--output", ex])
+    commands = [["stage1", "--model", base, "--data", data[0], "--output", s1, *flags],
+                ["stage2", "--model", base, "--stage1", s1, "--data", data[1], "--output", s2, *flags],
+                ["export", "--stage2", s2, "--output", ex]]
+    r1, r2, _ = (_run(c) for c in commands)
+    load = expert_load(base, s1, data[0])
     err = verify_export(base, s2, ex, alignment_records()[0]["messages"])
-    print(f"\nmedcare demo: exported checkpoint vs stage-2 adapters, max |logit difference| = {err:.2e}")
-    print(f"medcare demo: done. The exported model loads with AutoModelForCausalLM.from_pretrained({ex!r}).")
+    print(summary(r1, r2, load, err, (s1, s2, ex), commands, time.time() - t0))
     return 0
+
+
+def _span(values: list[float]) -> str:
+    return f"{values[0]:.3f} -> {values[-1]:.3f}" if values else "not logged"
+
+
+def summary(r1, r2, load: torch.Tensor, err: float, paths, commands, seconds: float) -> str:
+    s1, s2, ex = paths
+    orth = r2.logged("orth_loss_start")[:1] + r2.logged("orth_loss")[-1:]
+    experts = " ".join(f"e{i} {100 * v:.0f}%" for i, v in enumerate(load.tolist()))
+    lines = [f"\nmedcare demo: done in {seconds:.0f} s",
+             f"  stage 1  loss {_span(r1.logged('loss'))}                  {s1}",
+             f"           expert load (share of routed slots, all MoLoRA projections): {experts}",
+             f"  stage 2  loss (CE + lambda * orth) {_span(r2.logged('loss'))}, orth penalty {_span(orth)}   {s2}",
+             f"  export   plain HF checkpoint, max |logit diff| vs stage-2 adapters {err:.1e}   {ex}",
+             "Redo each step by hand:"]
+    lines += [f"  python -m medcare.train {shlex.join(c)}" for c in commands]
+    return "\n".join(lines)
