@@ -92,14 +92,15 @@ def adapter_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None =
     (a gathered full state dict, as FSDP / ZeRO-3 saving provides) the values come from it instead of the
     possibly sharded module parameters."""
     out: dict[str, torch.Tensor] = {}
-    for name, module in adapter_modules(model):
-        def get(attr: str) -> torch.Tensor:
-            return state_dict[f"{name}.{attr}"] if state_dict else getattr(module, attr)
+    def get(name: str, module: nn.Module, attr: str) -> torch.Tensor:
+        return state_dict[f"{name}.{attr}"] if state_dict else getattr(module, attr)
 
-        a, b = get("lora_a"), get("lora_b")
+    for name, module in adapter_modules(model):
+        a, b = get(name, module, "lora_a"), get(name, module, "lora_b")
         if isinstance(module, MoLoRALinear):
             er = module.num_experts * module.expert_rank
-            out[f"{name}.router.weight"], out[f"{name}.router.bias"] = get("router_weight"), get("router_bias")
+            out[f"{name}.router.weight"] = get(name, module, "router_weight")
+            out[f"{name}.router.bias"] = get(name, module, "router_bias")
             out[f"{name}.experts.lora_a"], out[f"{name}.experts.lora_b"] = a[:er], b[:, :er]
             if module.shared_rank:
                 out[f"{name}.shared.lora_a"], out[f"{name}.shared.lora_b"] = a[er:], b[:, er:]
@@ -220,6 +221,13 @@ def check_base_matches(stage: StageDir, config) -> None:
 
 
 # ---------------------------------------------------------------------------------------- transition
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 @torch.no_grad()
 def merge_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], role: str, scaling: float) -> int:
     """W += s * B A for every "<module>.<role>.lora_a/b" pair in `tensors` whose module is a plain nn.Linear
@@ -243,18 +251,30 @@ def merge_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], role:
     return merged
 
 
-def transition(model: nn.Module, stage1: StageDir, cfg: Stage2Config) -> tuple[dict[str, torch.Tensor], InjectionReport]:
+def transition(model: nn.Module, stage1: StageDir, cfg: Stage2Config
+               ) -> tuple[dict[str, torch.Tensor], InjectionReport]:
     """Turn a fresh base model into the stage-2 starting model, in memory:
     merge stage 1's attention LoRA into W, drop the routed experts and routers, put knowledge (= stage 1's
     shared LoRA, exactly) + a new alignment LoRA on the MLP projections. The model then computes exactly
     "stage-1 model without the routed experts". Returns the attention tensors (the stage-2 directory keeps
     them for export) and the injection report."""
     s1 = stage1.stage1
-    attention = {k: v for k, v in stage1.tensors.items() if ".attention." in k}
-    merge_lora_tensors(model, attention, "attention", s1.attn_scaling)
+    # Every check before any weight changes: a refused transition leaves the model as it was.
     if abs(cfg.scaling - s1.mlp_scaling) > 1e-12:
         raise CheckpointError(f"stage-2 scaling {cfg.scaling} differs from stage 1's MoLoRA scaling "
-                              f"{s1.mlp_scaling}: the knowledge LoRA would not start where stage 1 left it")
+                              f"{s1.mlp_scaling}: the knowledge LoRA would not start where stage 1 left it "
+                              f"(pass --scaling {s1.mlp_scaling})")
+    if cfg.targets is None:
+        cfg.targets = list(s1.mlp_targets)
+    elif s1.shared_rank and set(cfg.targets) - set(s1.mlp_targets):
+        extra = sorted(set(cfg.targets) - set(s1.mlp_targets))
+        raise CheckpointError(f"stage 1 trained MoLoRA on {', '.join(s1.mlp_targets)} only, so {', '.join(extra)} "
+                              f"has no knowledge LoRA; pass --targets {' '.join(s1.mlp_targets)}")
+    attention = {k: v for k, v in stage1.tensors.items() if ".attention." in k}
+    for key in attention:
+        if key.endswith(".lora_a") and _find(model, key.rsplit(".attention.", 1)[0]) is None:
+            raise CheckpointError(f"the model has no module for stage-1 tensor {key!r}")
+    merge_lora_tensors(model, attention, "attention", s1.attn_scaling)
     report = apply_stage2(model, cfg, knowledge_rank=s1.shared_rank)
     if s1.shared_rank:
         shared = {k.replace(".shared.", ".knowledge."): v for k, v in stage1.tensors.items() if ".shared." in k}
@@ -306,6 +326,11 @@ def import_official_stage1(path: str, top_k: int | None = None) -> tuple[dict[st
         raw = torch.load(bin_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a file that is not plain tensors must not be unpickled
         raise CheckpointError(f"{bin_path}: cannot be read as plain tensors ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{bin_path}: expected a non-empty mapping of names to tensors, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{bin_path}: entry {key!r} is a {type(value).__name__}, not a tensor")
     tensors, num_experts, expert_rank, shared_rank = _official_mlp(raw)
     cfg = _official_config(path, num_experts, expert_rank, shared_rank, top_k)
     tensors.update(_official_attention(path))

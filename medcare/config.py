@@ -92,7 +92,8 @@ class Stage2Config:
     orth_lambda: float = field(default=1.0, metadata={"help": "weight of the orthogonality penalty "
                                                               "sum |A_knowledge A_alignment^T|"})
     freeze_knowledge: bool = field(default=False, metadata={"help": "train the alignment LoRA only"})
-    targets: list[str] = field(default_factory=lambda: list(MLP_TARGETS), metadata={"help": "MLP projections"})
+    targets: list[str] | None = field(default=None, metadata={"help": "MLP projections (default: those stage 1 "
+                                                                      "trained MoLoRA on)"})
     adapter_dtype: str = field(default="float32", metadata={"help": "dtype of adapter parameters"})
 
     def validate(self) -> Stage2Config:
@@ -100,9 +101,10 @@ class Stage2Config:
         _check_common(self, problems)
         if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
             problems.append(f"scaling must be a finite number, got {self.scaling!r}")
-        if not isinstance(self.orth_lambda, (int, float)) or not math.isfinite(self.orth_lambda) or self.orth_lambda < 0:
+        lam = self.orth_lambda
+        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             problems.append(f"orth_lambda must be a number >= 0, got {self.orth_lambda!r}")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             problems.append("targets is empty; stage 2 needs at least one MLP projection")
         if problems:
             raise ConfigError(problems)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import Stage1Config, Stage2Config
+from .config import MLP_TARGETS, Stage1Config, Stage2Config
 from .layers import LoRALinear, MoLoRALinear
 
 ADAPTER_TYPES = (LoRALinear, MoLoRALinear)
@@ -55,18 +55,18 @@ def adapter_modules(model: nn.Module, kind: type | tuple = ADAPTER_TYPES) -> Ite
 def _replace(model: nn.Module, names: tuple[str, ...], build) -> dict[str, int]:
     if any(True for _ in adapter_modules(model)):
         raise InjectionError("the model already carries medcare adapters; load a fresh base model")
-    counts = dict.fromkeys(names, 0)
-    for _, parent, attr, layer in list(_linears(model, names)):
-        module = build(attr, layer)
-        module.train(layer.training)  # an eval-mode model stays in eval mode (no adapter dropout)
-        setattr(parent, attr, module)
-        counts[attr] += 1
+    found = list(_linears(model, names))
+    counts = {n: sum(1 for _, _, attr, _ in found if attr == n) for n in names}
     missing = [n for n, c in counts.items() if c == 0]
-    if missing:
+    if missing:  # checked before anything is replaced: a refused model is left exactly as it was
         kind = type(model).__name__
         raise InjectionError(f"{kind} has no nn.Linear modules named {', '.join(missing)}; medcare supports "
                              f"decoder LMs with q/k/v/o_proj and gate/up/down_proj (Qwen2/Qwen1.5, Qwen3, Llama, "
                              f"Mistral)")
+    for _, parent, attr, layer in found:
+        module = build(attr, layer)
+        module.train(layer.training)  # an eval-mode model stays in eval mode (no adapter dropout)
+        setattr(parent, attr, module)
     return counts
 
 
@@ -75,7 +75,7 @@ def freeze_non_adapters(model: nn.Module) -> InjectionReport:
     for p in model.parameters():
         p.requires_grad_(False)
     for _, module in adapter_modules(model):
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             p.requires_grad_(True)
     report = InjectionReport()
     seen = set()
@@ -113,6 +113,8 @@ def apply_stage2(model: nn.Module, cfg: Stage2Config, knowledge_rank: int) -> In
     stage 1's shared LoRA into them. With knowledge_rank 0 only the alignment LoRA exists.
     """
     cfg.validate()
+    if cfg.targets is None:
+        cfg.targets = list(MLP_TARGETS)
     adapters = {"knowledge": knowledge_rank, "alignment": cfg.rank} if knowledge_rank else {"alignment": cfg.rank}
 
     def build(attr: str, layer: nn.Linear) -> nn.Module:

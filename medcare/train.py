@@ -170,6 +170,16 @@ def check_model_dir(path: str) -> None:
         raise UserError(f"{path}: no such model directory")
 
 
+def load_config(path: str):
+    from transformers import AutoConfig
+
+    check_model_dir(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: cannot load the model config ({str(exc).splitlines()[0]})") from None
+
+
 def load_model_and_tokenizer(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,18 +197,22 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype):
 def check_data(run: RunArguments) -> None:
     """Validate the data files before any model is loaded (every problem at once)."""
     problems = data_mod.check_files(run.data)
-    if problems and run.on_bad_records == "fail":
-        for p in problems:
-            print(str(p), file=sys.stderr)
-        raise UserError(f"{len(problems)} problems in the data ({', '.join(run.data)}); fix them or pass "
-                        f"--on_bad_records skip")
+    unusable = [p for p in problems if p.whole_file]
+    if problems and (run.on_bad_records == "fail" or unusable):
+        first = "; ".join(str(p) for p in (unusable or problems)[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{first}{more}; `python -m medcare.data check {' '.join(run.data)}` lists every problem"
+                        + ("" if unusable else ", or pass --on_bad_records skip"))
 
 
 def build_dataset(run: RunArguments, tokenizer):
     loaded = data_mod.load_records(run.data, on_error=run.on_bad_records)
     if loaded.problems:
         print(f"medcare: skipped {len(loaded.problems)} bad records of {loaded.total}", file=sys.stderr)
-    dataset = data_mod.SupervisedDataset(loaded.records, tokenizer, run.model_max_length, mask=run.label_mask)
+    try:
+        dataset = data_mod.SupervisedDataset(loaded.records, tokenizer, run.model_max_length, mask=run.label_mask)
+    except ValueError as exc:  # e.g. truncation left no supervised token in any record, or a bad chat template
+        raise UserError(str(exc).splitlines()[0]) from None
     if len(dataset) == 0:
         raise UserError(f"no trainable records in {', '.join(run.data)} (every record was dropped)")
     return dataset
@@ -321,9 +335,9 @@ def run_stage2(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(2, argv)
     check_model_dir(run.model)
     stage1 = ckpt.load_stage1(run.stage1, run.official_top_k)
+    ckpt.check_base_matches(stage1, load_config(run.model))  # before loading any weights
     check_data(run)
     model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
-    ckpt.check_base_matches(stage1, model.config)
     attention, report = ckpt.transition(model, stage1, cfg)
     print(f"medcare: stage 2 on {run.model} from {run.stage1}: {report}; "
           f"{len(orth_pairs(model)[0])} projections under the orthogonality penalty")
@@ -351,8 +365,8 @@ def run_export(argv: list[str]) -> StageResult:
     base = args.model or stage2.meta["base_model"]["path"]
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise UserError(f"{args.output} already exists and is not empty; choose a new --output")
+    ckpt.check_base_matches(stage2, load_config(base))
     model, tokenizer = load_model_and_tokenizer(base, _export_dtype(base, args.dtype))
-    ckpt.check_base_matches(stage2, model.config)
     merged = ckpt.merge_stage2(model, stage2)
 
     def build(tmp: str) -> None:
@@ -367,10 +381,7 @@ def run_export(argv: list[str]) -> StageResult:
 def _export_dtype(base: str, name: str) -> torch.dtype:
     if name != "auto":
         return _dtype(name)
-    from transformers import AutoConfig
-
-    check_model_dir(base)
-    dt = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
+    dt = getattr(load_config(base), "dtype", None) or torch.float32
     return getattr(torch, dt) if isinstance(dt, str) else dt
 
 

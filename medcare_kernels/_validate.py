@@ -126,7 +126,7 @@ def check_orth_penalty(a_base: Sequence, a_orth: Sequence) -> None:
         _fail(op, f"a_base and a_orth must pair up, got {len(a_base)} and {len(a_orth)} tensors")
     if not a_base:
         _fail(op, "a_base and a_orth are empty; expected at least one (A_base, A_orth) pair")
-    for i, (a, b) in enumerate(zip(a_base, a_orth)):
+    for i, (a, b) in enumerate(zip(a_base, a_orth, strict=True)):
         _tensor(op, f"a_base[{i}]", a)
         _tensor(op, f"a_orth[{i}]", b)
         if a.dim() != 2:

@@ -87,7 +87,8 @@ class NaiveMoLoRA(torch.nn.Module):
         probs = torch.softmax(self.switch(xf), dim=-1)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
-        outs = torch.stack([b(a(xf)) * self.scaling for a, b in zip(self.experts_a, self.experts_b)])  # [E,T,Do]
+        pairs = zip(self.experts_a, self.experts_b, strict=True)
+        outs = torch.stack([b(a(xf)) * self.scaling for a, b in pairs])                                # [E,T,Do]
         outs = outs.transpose(0, 1)
         picked = outs.gather(1, idx.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))                      # [T,K,Do]
         if self.share_a is not None:

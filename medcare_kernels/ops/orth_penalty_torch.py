@@ -18,7 +18,7 @@ from ..reference import router_dtype
 
 def _groups(a_base, a_orth) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = {}
-    for i, (a, b) in enumerate(zip(a_base, a_orth)):
+    for i, (a, b) in enumerate(zip(a_base, a_orth, strict=True)):
         groups.setdefault((tuple(a.shape), tuple(b.shape)), []).append(i)
     return groups
 
@@ -54,13 +54,15 @@ class OrthPenaltyFunction(torch.autograd.Function):
         a_base, a_orth, signs = saved[:n], saved[n:2 * n], saved[2 * n:]
         need_base, need_orth = ctx.needs_input_grad[1:n + 1], ctx.needs_input_grad[n + 1:]
         grads: list[torch.Tensor | None] = [None] * (2 * n)
-        for ids, sign in zip(ctx.group_ids, signs):
+        for ids, sign in zip(ctx.group_ids, signs, strict=True):
             sign = sign * grad
             if any(need_base[i] for i in ids):
-                for i, g in zip(ids, torch.bmm(sign, _stack(a_orth, ids, sign.dtype)).unbind(0)):
+                d_base = torch.bmm(sign, _stack(a_orth, ids, sign.dtype)).unbind(0)
+                for i, g in zip(ids, d_base, strict=True):
                     grads[i] = g.to(a_base[i].dtype) if need_base[i] else None
             if any(need_orth[i] for i in ids):
-                for i, g in zip(ids, torch.bmm(sign.transpose(1, 2), _stack(a_base, ids, sign.dtype)).unbind(0)):
+                d_orth = torch.bmm(sign.transpose(1, 2), _stack(a_base, ids, sign.dtype)).unbind(0)
+                for i, g in zip(ids, d_orth, strict=True):
                     grads[n + i] = g.to(a_orth[i].dtype) if need_orth[i] else None
         return (None, *grads)
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import (LORA_SHAPES, assert_within_rule, backends_for, call_backend, leaves, lora_inputs,
-                            run_with_grads)
+from kernel_testing import (
+    LORA_SHAPES,
+    assert_within_rule,
+    backends_for,
+    call_backend,
+    leaves,
+    lora_inputs,
+    run_with_grads,
+)
 
 import medcare_kernels as mk
 from medcare_kernels import reference

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import (MOLORA_SHAPES, assert_within_rule, backends_for, call_backend, leaves, molora_inputs,
-                            run_with_grads)
+from kernel_testing import (
+    MOLORA_SHAPES,
+    assert_within_rule,
+    backends_for,
+    call_backend,
+    leaves,
+    molora_inputs,
+    run_with_grads,
+)
 
 import medcare_kernels as mk
 from medcare_kernels import reference
@@ -55,7 +62,8 @@ def test_molora_3d_input_and_fp32_adapters_with_bf16_activations(backend):
     fused_in, ref_in = leaves(mixed, trainable=TRAINABLE), leaves(mixed, trainable=TRAINABLE)
     y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw), fused_in)
     y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), ref_in, g)
-    y_true, grads_true, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), leaves(base, trainable=TRAINABLE), g)
+    truth_in = leaves(base, trainable=TRAINABLE)
+    y_true, grads_true, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), truth_in, g)
     assert y.shape == (3, 5, 40) and y.dtype == torch.bfloat16
     for i in TRAINABLE:
         assert grads[i].dtype == fused_in[i].dtype, f"d {NAMES[i]} must come back in the parameter's dtype"

@@ -1,0 +1,413 @@
+"""medcare.train, in process on tiny saved models: stage 1 -> stage 2 -> export end to end, the loss and the
+orthogonality penalty fall, one optimizer step does not depend on how it is split into micro-batches
+(the penalty is not multiplied by gradient accumulation), user errors are one line, exit 2, no output; and
+stage 2 from an original stage-1 directory with a frozen knowledge LoRA, resume, gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from pipeline_testing import (
+    OFFICIAL_E,
+    fabricate_official_stage1,
+    input_ids,
+    logits,
+    one_thread,
+    randomize_adapters,
+    records,
+    rel_err,
+    save_base,
+    stage1_config,
+    stage1_meta,
+    stage2_config,
+    stage2_meta,
+    tiny_model,
+    write_jsonl,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from medcare import train as train_mod
+from medcare.checkpoint import (
+    ADAPTER_FILE,
+    MANIFEST_FILE,
+    adapter_state,
+    load_adapter_state,
+    read_stage,
+    save_stage,
+    transition,
+)
+from medcare.config import Stage2Config
+from medcare.data import DataCollator, SupervisedDataset, load_records
+from medcare.inject import apply_stage1
+
+QUIET = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--model_dtype", "float32"]
+STAGE1_ADAPTERS = ["--num_experts", "4", "--top_k", "2", "--expert_rank", "4", "--shared_rank", "8",
+                   "--attn_rank", "4", "--attn_alpha", "8", "--mlp_alpha", "8"]
+FAST = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_train_epochs", "2",
+        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1",
+        *QUIET]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
+
+
+def load_base(path):
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, chatml_tokenizer):
+    """A saved tiny Qwen2 base, a tiny Llama base of the same sizes, training data, and stage-1 / stage-2
+    directories made through the API (random adapters) for the stage-2 and error tests."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("train")
+    vocab = len(chatml_tokenizer)
+    base = save_base(root / "base", tiny_model("qwen2", vocab), chatml_tokenizer)
+    llama = save_base(root / "llama", tiny_model("llama", vocab), chatml_tokenizer)
+    data = write_jsonl(root / "data.jsonl", records(8))
+    cfg1 = stage1_config()
+    stage1_dirs = {}
+    for name, path in (("qwen2", base), ("llama", llama)):
+        model = load_base(path)
+        apply_stage1(model, cfg1)
+        randomize_adapters(model, std=0.1)
+        stage1_dirs[name] = save_stage(str(root / f"stage1-{name}"), adapter_state(model),
+                                       stage1_meta(cfg1, model, path))
+    model = load_base(base)
+    attention, _ = transition(model, read_stage(stage1_dirs["qwen2"]), stage2_config())
+    stage2 = save_stage(str(root / "stage2"), {**adapter_state(model), **attention},
+                        stage2_meta(cfg1, stage2_config(), model, stage1_dirs["qwen2"], base))
+    return dict(root=root, base=base, llama=llama, data=data, stage1=stage1_dirs["qwen2"],
+                stage1_llama=stage1_dirs["llama"], stage2=stage2, vocab=vocab)
+
+
+@pytest.fixture
+def captured_logs(monkeypatch):
+    """Every dict the trainer logs (loss, orth_loss, ...), in order."""
+    logs: list[dict] = []
+    original = train_mod._trainer_class
+
+    def patched():
+        cls = original()
+
+        class Capturing(cls):
+            def log(self, values, start_time=None):
+                super().log(values, start_time)
+                logs.append(dict(values))
+
+        return Capturing
+
+    monkeypatch.setattr(train_mod, "_trainer_class", patched)
+    return logs
+
+
+def run(argv) -> int:
+    torch.manual_seed(0)  # stage 2's fresh alignment A is drawn before the Trainer seeds itself
+    return train_mod.main([str(a) for a in argv])
+
+
+def step_losses(logs) -> list[dict]:
+    return [entry for entry in logs if "loss" in entry and "train_loss" not in entry]
+
+
+# ----------------------------------------------------------------------------------------------- e2e
+def test_stage1_stage2_export_end_to_end(env, tmp_path, captured_logs, capfd):
+    s1, s2, out = tmp_path / "s1", tmp_path / "s2", tmp_path / "exported"
+    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
+                *FAST]) == 0
+    stage1_logs = step_losses(captured_logs)
+    captured_logs.clear()
+    assert sorted(os.listdir(s1)) == [ADAPTER_FILE, MANIFEST_FILE]
+    stage1 = read_stage(str(s1), expect_stage=1)
+    assert stage1.stage1.num_experts == 4 and stage1.stage1.shared_rank == 8
+    assert all(torch.count_nonzero(v) > 0 for k, v in stage1.tensors.items() if k.endswith("lora_b"))
+
+    assert run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", s2,
+                "--rank", "8", *FAST]) == 0
+    stage2_logs = step_losses(captured_logs)
+    assert sorted(os.listdir(s2)) == [ADAPTER_FILE, MANIFEST_FILE]
+    stage2 = read_stage(str(s2), expect_stage=2)
+    assert {"stage", "stage1", "stage2", "stage1_dir", "base_model"} <= set(stage2.meta)
+    assert {k.rsplit(".", 2)[1] for k in stage2.tensors} == {"attention", "knowledge", "alignment"}
+
+    assert run(["export", "--stage2", s2, "--output", out]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    capfd.readouterr()
+
+    # The logged training loss fell in each stage (8 optimizer steps; stage 2's logged loss includes the
+    # penalty, and orth_loss is logged beside it).
+    assert len(stage1_logs) == 8 and len(stage2_logs) == 8
+    ce1 = [e["loss"] for e in stage1_logs]
+    ce2 = [e["loss"] - e["orth_loss"] for e in stage2_logs]
+    assert sum(ce1[-2:]) < sum(ce1[:2]) - 0.1, ce1
+    assert sum(ce2[-2:]) < sum(ce2[:2]) - 0.05, ce2
+
+    # On the whole data set, the trained adapters have a lower loss than where each stage started.
+    tokenizer = AutoTokenizer.from_pretrained(env["base"])
+    batch = DataCollator(tokenizer)([*SupervisedDataset(load_records([env["data"]]), tokenizer)])
+    start1 = load_base(env["base"])
+    apply_stage1(start1, stage1.stage1)
+    trained1 = load_base(env["base"])
+    apply_stage1(trained1, stage1.stage1)
+    load_adapter_state(trained1, stage1.tensors)
+    assert data_loss(trained1, batch) < data_loss(start1, batch) - 0.05
+    s2_cfg = Stage2Config(**stage2.meta["stage2"])
+    start2 = load_base(env["base"])
+    transition(start2, stage1, s2_cfg)
+    trained2 = load_base(env["base"])
+    transition(trained2, stage1, s2_cfg)
+    used = load_adapter_state(trained2, stage2.tensors, roles=("knowledge", "alignment"))
+    assert used == {k for k in stage2.tensors if ".attention." not in k}
+    assert data_loss(trained2, batch) < data_loss(start2, batch) - 0.05
+
+    # The exported checkpoint computes what the trained stage-2 adapters compute.
+    ids = input_ids(env["vocab"])
+    assert rel_err(logits(load_base(out), ids), logits(trained2, ids)) <= 1e-5
+
+
+@torch.no_grad()
+def data_loss(model, batch) -> float:
+    model.eval()
+    return float(model(**batch).loss)
+
+
+def test_orth_loss_is_logged_and_falls_with_a_large_lambda(env, tmp_path, captured_logs):
+    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
+                "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "50", *FAST]) == 0
+    logs = step_losses(captured_logs)
+    assert len(logs) == 8 and all("orth_loss" in e for e in logs)
+    orth = [e["orth_loss"] for e in logs]
+    assert orth[0] > 1.0
+    assert orth[-1] < 0.5 * orth[0], orth
+    assert orth[-1] == min(orth), orth
+    # The logged loss is CE + lambda * penalty, so here it is dominated by the penalty.
+    assert all(e["loss"] > 50 * e["orth_loss"] for e in logs)
+
+
+def test_no_orth_loss_logged_without_the_penalty(env, tmp_path, captured_logs):
+    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
+                "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "0", "--max_steps", "2", *FAST]) == 0
+    logs = step_losses(captured_logs)
+    assert logs and not any("orth_loss" in e for e in logs)
+    assert all(e["loss"] < 10 for e in logs)  # plain CE of a tiny random model (~ln 477 = 6.2)
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+def one_step(env, out, batch: int, accumulation: int, data: str) -> dict[str, torch.Tensor]:
+    argv = ["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", data, "--output", out,
+            "--rank", "8", "--dropout", "0", "--orth_lambda", "2", "--max_steps", "1",
+            "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation,
+            "--optim", "sgd", "--learning_rate", "0.05", "--max_grad_norm", "0", "--weight_decay", "0",
+            "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--train_sampling_strategy", "sequential",
+            "--logging_steps", "1", *QUIET]
+    assert run(argv) == 0
+    return load_file(os.path.join(out, ADAPTER_FILE))
+
+
+def assert_same_update(env, full, split):
+    start = read_stage(env["stage1"]).tensors
+    diff2 = update2 = 0.0
+    for key, v in full.items():
+        diff2 += float((v - split[key]).double().square().sum())
+        if ".knowledge." in key:
+            init = start[key.replace(".knowledge.", ".shared.")]
+            update2 += float((v - init).double().square().sum())
+        elif key.endswith("alignment.lora_b"):  # starts at zero
+            update2 += float(v.double().square().sum())
+    assert update2 > 1e-6  # the step did something
+    assert diff2 ** 0.5 <= 1e-4 * update2 ** 0.5, (diff2 ** 0.5, update2 ** 0.5)
+
+
+def test_gradient_accumulation_gives_the_same_step(env, tmp_path):
+    """8 x 1 and 2 x 4 over the same 8 records (different lengths, so different label counts per
+    micro-batch): one SGD step must move the adapters identically, penalty included."""
+    full = one_step(env, tmp_path / "full", 8, 1, env["data"])
+    split = one_step(env, tmp_path / "split", 2, 4, env["data"])
+    assert_same_update(env, full, split)
+
+
+def test_gradient_accumulation_without_loss_kwargs(env, tmp_path, monkeypatch):
+    """The other branch: a model whose loss the Trainer divides by the accumulation itself. Identical records,
+    so the mean of micro-batch means equals the full-batch mean and only the penalty could differ."""
+    original = train_mod._trainer_class
+
+    def patched():
+        class NoLossKwargs(original()):
+            def __init__(self, *args, **kw):
+                super().__init__(*args, **kw)
+                self.model_accepts_loss_kwargs = False
+
+        return NoLossKwargs
+
+    monkeypatch.setattr(train_mod, "_trainer_class", patched)
+    same = write_jsonl(tmp_path / "same.jsonl", [records(1)[0]] * 8)
+    full = one_step(env, tmp_path / "full", 8, 1, same)
+    split = one_step(env, tmp_path / "split", 2, 4, same)
+    assert_same_update(env, full, split)
+
+
+# -------------------------------------------------------------------------------------- user errors
+def bad_json(root) -> str:
+    path = root / "bad.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}\n')
+    return str(path)
+
+
+def wrong_records(root) -> str:
+    path = root / "wrong.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "assistant", "content": "no question"}], "x": 1}) + "\n"
+                    + json.dumps({"text": "not a conversation"}) + "\n")
+    return str(path)
+
+
+def no_config_dir(root) -> str:
+    path = root / "not-a-model"
+    path.mkdir(exist_ok=True)
+    (path / "weights.bin").write_bytes(b"")
+    return str(path)
+
+
+# case -> (argv before --output, a word the error line must contain)
+ERROR_CASES = {
+    "missing model dir": (lambda e, r: ["stage1", "--model", r / "no-such-model", "--data", e["data"]],
+                          "no-such-model"),
+    "model dir without config": (lambda e, r: ["stage1", "--model", no_config_dir(r), "--data", e["data"]],
+                                 "config.json"),
+    "missing data file": (lambda e, r: ["stage1", "--model", e["base"], "--data", r / "nope.jsonl"], "nope.jsonl"),
+    "data file not JSON": (lambda e, r: ["stage1", "--model", e["base"], "--data", bad_json(r)], "bad.jsonl"),
+    "data records malformed": (lambda e, r: ["stage1", "--model", e["base"], "--data", wrong_records(r)],
+                               "wrong.jsonl"),
+    "top_k > num_experts": (lambda e, r: ["stage1", "--model", e["base"], "--data", e["data"], "--num_experts", "2",
+                                          "--top_k", "3"], "top_k"),
+    "stage-2 dir as --stage1": (lambda e, r: ["stage2", "--model", e["base"], "--stage1", e["stage2"], "--data",
+                                              e["data"]], "stage-2"),
+    "--stage1 of another architecture": (lambda e, r: ["stage2", "--model", e["base"], "--stage1",
+                                                       e["stage1_llama"], "--data", e["data"]], "model_type"),
+    "--stage1 missing": (lambda e, r: ["stage2", "--model", e["base"], "--stage1", r / "no-stage1", "--data",
+                                       e["data"]], "no-stage1"),
+}
+
+
+def run_error_case(env, tmp_path, capfd, case):
+    out = tmp_path / "out"
+    argv = ERROR_CASES[case][0](env, tmp_path) + ["--output", out, *FAST]
+    capfd.readouterr()
+    rc = run(argv)
+    captured = capfd.readouterr()
+    return rc, captured.err, out
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_exit_2_without_traceback_and_write_nothing(env, tmp_path, capfd, case):
+    rc, err, out = run_error_case(env, tmp_path, capfd, case)
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("medcare: error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], err
+    assert ERROR_CASES[case][1] in errors[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line(env, tmp_path, capfd, case):
+    rc, err, _ = run_error_case(env, tmp_path, capfd, case)
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+
+
+def test_every_record_truncated_away_is_a_user_error(env, tmp_path, capfd):
+    out = tmp_path / "out"
+    rc = run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, "--model_max_length", "3",
+              *STAGE1_ADAPTERS, *FAST])
+    err = capfd.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "truncat" in err.splitlines()[-1]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- more stage runs
+def test_stage2_from_an_official_stage1_with_frozen_knowledge(env, tmp_path):
+    official = tmp_path / "official"
+    raw, _ = fabricate_official_stage1(str(official), load_base(env["base"]))
+    out = tmp_path / "s2"
+    assert run(["stage2", "--model", env["base"], "--stage1", official, "--data", env["data"], "--output", out,
+                "--rank", "8", "--freeze_knowledge", "true", "--weight_decay", "0", "--max_steps", "2", *FAST]) == 0
+    stage2 = read_stage(str(out), expect_stage=2)
+    assert stage2.meta["stage1"]["num_experts"] == OFFICIAL_E and stage2.meta["stage2"]["freeze_knowledge"]
+    moved = 0.0
+    for i in range(2):
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            key, pre = f"model.layers.{i}.mlp.{p}", f"base_model.model.model.layers.{i}.mlp.{p}"
+            # The frozen knowledge LoRA is exactly the original shared LoRA after training.
+            assert torch.equal(stage2.tensors[f"{key}.knowledge.lora_a"], raw[f"{pre}.share_experts.lora_A.weight"])
+            assert torch.equal(stage2.tensors[f"{key}.knowledge.lora_b"], raw[f"{pre}.share_experts.lora_B.weight"])
+            moved += float(stage2.tensors[f"{key}.alignment.lora_b"].abs().sum())
+    assert moved > 0  # while the alignment LoRA trained
+    assert any(".attention." in k for k in stage2.tensors)
+
+
+def test_freeze_knowledge_with_weight_decay_is_refused(env, tmp_path, capfd):
+    out = tmp_path / "s2"
+    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--output", out,
+                "--freeze_knowledge", "true", "--weight_decay", "0.1", *FAST]) == 2
+    assert "weight_decay" in capfd.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_from_checkpoint_continues_exactly(env, tmp_path):
+    argv = ["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--rank", "8",
+            "--dropout", "0.1", "--max_steps", "4", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+            "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+            "--model_dtype", "float32"]
+    full = tmp_path / "full"
+    assert run(argv + ["--output", full, "--save_strategy", "steps", "--save_steps", "2"]) == 0
+    assert {ADAPTER_FILE, MANIFEST_FILE, "optimizer.pt"} <= set(os.listdir(full / "checkpoint-2"))
+    read_stage(str(full / "checkpoint-2"), expect_stage=2)
+    resumed = tmp_path / "resumed"
+    assert run(argv + ["--output", resumed, "--save_strategy", "no",
+                       "--resume_from_checkpoint", full / "checkpoint-2"]) == 0
+    want, got = load_file(str(full / ADAPTER_FILE)), load_file(str(resumed / ADAPTER_FILE))
+    assert set(want) == set(got)
+    start = load_file(str(full / "checkpoint-2" / ADAPTER_FILE))
+    assert any(not torch.equal(want[k], start[k]) for k in want)  # steps 3 and 4 did something
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_gradient_checkpointing_gives_the_same_step(env, tmp_path):
+    argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1_ADAPTERS, "--attn_dropout", "0.3",
+            "--max_steps", "1", "--optim", "sgd", "--learning_rate", "0.1", "--max_grad_norm", "0",
+            "--train_sampling_strategy", "sequential", *FAST]
+    assert run(argv + ["--output", tmp_path / "plain"]) == 0
+    assert run(argv + ["--output", tmp_path / "ckpt", "--gradient_checkpointing", "true"]) == 0
+    plain, ckpt = load_file(str(tmp_path / "plain" / ADAPTER_FILE)), load_file(str(tmp_path / "ckpt" / ADAPTER_FILE))
+    assert any(torch.count_nonzero(v) for k, v in plain.items() if k.endswith("experts.lora_b"))
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+def test_stage2_after_a_partial_stage1_uses_or_names_its_targets(env, tmp_path, capfd):
+    s1 = tmp_path / "s1"
+    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
+                "--mlp_targets", "up_proj", "--max_steps", "1", *FAST]) == 0
+    capfd.readouterr()
+    out = tmp_path / "s2"
+    rc = run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", out,
+              "--max_steps", "1", *FAST])
+    err = capfd.readouterr().err
+    if rc == 0:  # stage 2 followed stage 1's MLP targets
+        assert {k.split(".")[4] for k in read_stage(str(out)).tensors if ".knowledge." in k} == {"up_proj"}
+    else:  # or it says what to change
+        assert rc == 2 and "--targets" in err and "up_proj" in err, err
+    # With matching targets it works.
+    assert run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output",
+                tmp_path / "s2b", "--targets", "up_proj", "--max_steps", "1", *FAST]) == 0
