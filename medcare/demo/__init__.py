@@ -69,7 +69,7 @@ def _free_dir(base: str) -> str:
 
 
 TRAIN_FLAGS = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate",
-               "3e-3", "--logging_steps", "5", "--save_strategy", "no", "--warmup_steps", "0.1",
+               "5e-3", "--logging_steps", "5", "--save_strategy", "no", "--warmup_steps", "0.1",
                "--dataloader_num_workers", "0"]
 
 
@@ -135,7 +135,9 @@ def verify_export(base: str, stage2: str, export: str, sample: list[dict]) -> fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medcare.train demo", description=__doc__.split("\n")[0])
     ap.add_argument("--output", default=None, help="demo directory (default ./medcare-demo, or the next free -N)")
-    ap.add_argument("--epochs", default="4", help="epochs of each stage (default 4)")
+    ap.add_argument("--epochs", default="2", help="epochs of each stage (default 2; about 2-3 minutes on 2 cores)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many optimizer steps "
+                                                                  "(a quick smoke run)")
     args = ap.parse_args(argv or [])
     t0 = time.time()
     out = os.path.abspath(args.output or _free_dir("medcare-demo"))
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     base = build_base_model(os.path.join(out, "base"))
     print(f"medcare demo: data in {out}/data, tiny Qwen2 base model + tokenizer in {base}")
     flags = TRAIN_FLAGS + ["--num_train_epochs", args.epochs]
+    if args.max_steps:
+        flags += ["--max_steps", str(args.max_steps), "--logging_steps", "1"]
     s1, s2, ex = (os.path.join(out, d) for d in ("stage1", "stage2", "export"))
     commands = [["stage1", "--model", base, "--data", data[0], "--output", s1, *flags],
                 ["stage2", "--model", base, "--stage1", s1, "--data", data[1], "--output", s2, *flags],
