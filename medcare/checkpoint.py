@@ -55,6 +55,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one, never half."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -62,6 +68,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -259,6 +266,8 @@ def transition(model: nn.Module, stage1: StageDir, cfg: Stage2Config
     "stage-1 model without the routed experts". Returns the attention tensors (the stage-2 directory keeps
     them for export) and the injection report."""
     s1 = stage1.stage1
+    cfg.rank = cfg.rank or s1.shared_rank or s1.expert_rank
+    cfg.scaling = s1.mlp_scaling if cfg.scaling is None else cfg.scaling
     # Every check before any weight changes: a refused transition leaves the model as it was.
     if abs(cfg.scaling - s1.mlp_scaling) > 1e-12:
         raise CheckpointError(f"stage-2 scaling {cfg.scaling} differs from stage 1's MoLoRA scaling "
@@ -384,13 +393,25 @@ def load_stage1(path: str, top_k: int | None = None) -> StageDir:
 # -------------------------------------------------------------------------------------------- export
 def merge_stage2(model: nn.Module, stage2: StageDir) -> int:
     """Fold everything a stage-2 directory holds into the plain base model's weights, in place:
-    W += s_attn B A on the attention projections, W += s (Bk Ak + Ba Aa) on the MLP projections."""
+    W += s_attn B A on the attention projections, W += s (Bk Ak + Ba Aa) on the MLP projections.
+    Each weight is updated once (deltas summed in fp32), so a bf16 checkpoint is rounded once."""
     s1, s2 = stage2.meta["stage1"], stage2.meta["stage2"]
-    attn_scaling = s1["attn_alpha"] / s1["attn_rank"]
-    n = merge_lora_tensors(model, stage2.tensors, "attention", attn_scaling)
-    for role in ("knowledge", "alignment"):
-        n += merge_lora_tensors(model, stage2.tensors, role, s2["scaling"])
-    return n
+    scalings = {"attention": s1["attn_alpha"] / s1["attn_rank"], "knowledge": s2["scaling"], "alignment": s2["scaling"]}
+    deltas: dict[str, torch.Tensor] = {}
+    for key, a in stage2.tensors.items():
+        name, role, tensor = key.rsplit(".", 2)
+        if tensor != "lora_a" or role not in scalings:
+            continue
+        delta = scalings[role] * (stage2.tensors[f"{name}.{role}.lora_b"].float() @ a.float())
+        deltas[name] = deltas[name] + delta if name in deltas else delta
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            layer = _find(model, name)
+            if layer is None:
+                raise CheckpointError(f"the model has no module {name!r} for the stage-2 adapters")
+            w = getattr(layer, "base_layer", layer).weight
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+    return sum(1 for k in stage2.tensors if k.endswith(".lora_a") and k.rsplit(".", 2)[1] in scalings)
 
 
 def publish_dir(build: Callable[[str], None], output_dir: str) -> None:
@@ -404,6 +425,10 @@ def publish_dir(build: Callable[[str], None], output_dir: str) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
     try:
         build(tmp)
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes an owner-only directory; a served model must be readable
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty, checked above
         os.replace(tmp, output_dir)

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 def _check_common(cfg, problems: list[str]) -> None:
     for f in fields(cfg):
         v = getattr(cfg, f.name)
+        if v is None:  # "take it from stage 1" (Stage2Config.rank / scaling / targets)
+            continue
         if f.name.endswith("rank") and (not isinstance(v, int) or v < (0 if f.name == "shared_rank" else 1)):
             problems.append(f"{f.name} must be an int >= {0 if f.name == 'shared_rank' else 1}, got {v!r}")
         if f.name.endswith("alpha") and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
@@ -84,10 +86,10 @@ class Stage1Config:
 class Stage2Config:
     """Stage 2, downstream alignment: knowledge LoRA (from stage 1's shared LoRA) + new alignment LoRA."""
 
-    rank: int = field(default=32, metadata={"help": "rank of the alignment LoRA (the knowledge LoRA keeps "
-                                                    "stage 1's shared rank)"})
-    scaling: float = field(default=2.0, metadata={"help": "LoRA scaling of both adapters (stage 1's MoLoRA "
-                                                          "scaling, so the knowledge LoRA is unchanged)"})
+    rank: int | None = field(default=None, metadata={"help": "rank of the alignment LoRA (default: stage 1's "
+                                                             "shared rank Rs; the knowledge LoRA keeps Rs)"})
+    scaling: float | None = field(default=None, metadata={"help": "LoRA scaling of both adapters (default and "
+                                                                  "required: stage 1's MoLoRA scaling)"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input (one shared draw)"})
     orth_lambda: float = field(default=1.0, metadata={"help": "weight of the orthogonality penalty "
                                                               "sum |A_knowledge A_alignment^T|"})
@@ -99,7 +101,7 @@ class Stage2Config:
     def validate(self) -> Stage2Config:
         problems: list[str] = []
         _check_common(self, problems)
-        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+        if self.scaling is not None and (not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling)):
             problems.append(f"scaling must be a finite number, got {self.scaling!r}")
         lam = self.orth_lambda
         if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:

@@ -35,7 +35,7 @@ class InjectionReport:
         return f"replaced {parts}; trainable parameters {self.trainable:,} of {self.total:,} ({pct:.2f}%)"
 
 
-def _linears(model: nn.Module, names: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+def find_linears(model: nn.Module, names: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
     """(qualified name, parent, attribute, layer) of every nn.Linear whose attribute name is in `names`."""
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, ADAPTER_TYPES):
@@ -55,7 +55,7 @@ def adapter_modules(model: nn.Module, kind: type | tuple = ADAPTER_TYPES) -> Ite
 def _replace(model: nn.Module, names: tuple[str, ...], build) -> dict[str, int]:
     if any(True for _ in adapter_modules(model)):
         raise InjectionError("the model already carries medcare adapters; load a fresh base model")
-    found = list(_linears(model, names))
+    found = list(find_linears(model, names))
     counts = {n: sum(1 for _, _, attr, _ in found if attr == n) for n in names}
     missing = [n for n, c in counts.items() if c == 0]
     if missing:  # checked before anything is replaced: a refused model is left exactly as it was
@@ -113,8 +113,10 @@ def apply_stage2(model: nn.Module, cfg: Stage2Config, knowledge_rank: int) -> In
     stage 1's shared LoRA into them. With knowledge_rank 0 only the alignment LoRA exists.
     """
     cfg.validate()
-    if cfg.targets is None:
-        cfg.targets = list(MLP_TARGETS)
+    # Defaults when no stage-1 directory filled them in (see checkpoint.transition): the paper's values.
+    cfg.targets = list(MLP_TARGETS) if cfg.targets is None else cfg.targets
+    cfg.rank = cfg.rank or knowledge_rank or 32
+    cfg.scaling = 2.0 if cfg.scaling is None else cfg.scaling
     adapters = {"knowledge": knowledge_rank, "alignment": cfg.rank} if knowledge_rank else {"alignment": cfg.rank}
 
     def build(attr: str, layer: nn.Linear) -> nn.Module:

@@ -31,7 +31,7 @@ import torch
 from . import checkpoint as ckpt
 from . import data as data_mod
 from .config import ConfigError, Stage1Config, Stage2Config
-from .inject import apply_stage1
+from .inject import InjectionError, apply_stage1
 from .losses import OrthPenaltyCollector, orth_loss, orth_pairs
 
 
@@ -55,6 +55,8 @@ class RunArguments:
                                                                "bf16 GPU, else float32), float32, bfloat16, float16"})
     official_top_k: int = field(default=None, metadata={"help": "stage 2 from an original stage-1 directory whose "
                                                                 "config.json lacks num_experts_per_token"})
+    overwrite_output: bool = field(default=False, metadata={"help": "allow a non-empty --output (its stage "
+                                                                    "directory and checkpoints are replaced)"})
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -147,9 +149,51 @@ def parse_stage_args(stage: int, argv: list[str]):
     if stage == 2 and cfg.freeze_knowledge and targs.weight_decay > 0:
         problems.append("--freeze_knowledge with --weight_decay > 0 would still decay the frozen knowledge LoRA; "
                         "use --weight_decay 0")
+    problems += _output_problems(run, targs)
     if problems:
         raise UserError("; ".join(problems))
+    _check_backend()
     return run, cfg, targs
+
+
+def _output_problems(run: RunArguments, targs) -> list[str]:
+    """Never write over what a user has: the inputs, or a non-empty output unless resuming or asked to.
+    `--resume_from_checkpoint true|last` means the newest checkpoint-* in --output."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = targs.output_dir
+    if not out:
+        return []
+    real = os.path.realpath(out)
+    if any(p and os.path.realpath(p) == real for p in (run.model, run.stage1)):
+        return [f"--output {out} is also an input (--model or --stage1); choose a new directory"]
+    resume = targs.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
+        if resume is None:
+            return [f"--resume_from_checkpoint {targs.resume_from_checkpoint}: no checkpoint-* in {out}"]
+        targs.resume_from_checkpoint = resume
+    if resume:
+        missing = [f for f in (ckpt.MANIFEST_FILE, "trainer_state.json") if not os.path.isfile(os.path.join(resume, f))]
+        if missing:
+            return [f"--resume_from_checkpoint {resume}: not a training checkpoint (no {', '.join(missing)})"]
+    elif os.path.isdir(out) and os.listdir(out) and not run.overwrite_output:
+        return [f"--output {out} already exists and is not empty; pass --resume_from_checkpoint last to continue, "
+                f"--overwrite_output true to replace it, or choose a new directory"]
+    return []
+
+
+def _check_backend() -> None:
+    """A bad MEDCARE_KERNELS_BACKEND is a user error found before any model loads, not mid-training."""
+    import medcare_kernels as mk
+
+    try:
+        name = mk.current_backend()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    status = mk.available_backends().get(name)
+    if name != "auto" and status is not None and not status.startswith("available"):
+        raise UserError(f"MEDCARE_KERNELS_BACKEND={name}: {status}")
 
 
 # ---------------------------------------------------------------------------------- models and data
@@ -192,6 +236,22 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_targets(config, names: list[str]) -> None:
+    """The projections to adapt exist in this architecture: checked on a weightless (meta) skeleton, so
+    a wrong name costs no weight loading."""
+    from transformers import AutoModelForCausalLM
+
+    from .inject import find_linears
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    found = {attr for _, _, attr, _ in find_linears(skeleton, tuple(names))}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UserError(f"{type(skeleton).__name__} has no nn.Linear modules named {', '.join(missing)}; "
+                        f"pick target projections it has (medcare knows q/k/v/o_proj and gate/up/down_proj)")
 
 
 def check_data(run: RunArguments) -> None:
@@ -241,7 +301,7 @@ def _trainer_class():
                 self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
         def _orth_weight(self, num_items_in_batch) -> float:
-            scaled = self.loss_is_scaled_for_ga
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.19 only
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                     self.compute_loss_func is not None)
@@ -278,6 +338,9 @@ def _trainer_class():
         def _save(self, output_dir=None, state_dict=None):
             if not self.args.should_save:
                 return
+            if state_dict is not None and not state_dict:
+                raise RuntimeError("DeepSpeed ZeRO-3 gave no gathered weights to save: set "
+                                   "stage3_gather_16bit_weights_on_model_save to true in the DeepSpeed config")
             model = self.accelerator.unwrap_model(self.model)
             tensors = {**ckpt.adapter_state(model, state_dict), **self.extra_tensors}
             ckpt.save_stage(output_dir or self.args.output_dir, tensors, self.stage_meta)
@@ -318,7 +381,7 @@ class StageResult:
 
 def run_stage1(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(1, argv)
-    check_model_dir(run.model)
+    check_targets(load_config(run.model), cfg.attn_targets + cfg.mlp_targets)
     check_data(run)
     model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
     report = apply_stage1(model, cfg)
@@ -335,7 +398,9 @@ def run_stage2(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(2, argv)
     check_model_dir(run.model)
     stage1 = ckpt.load_stage1(run.stage1, run.official_top_k)
-    ckpt.check_base_matches(stage1, load_config(run.model))  # before loading any weights
+    config = load_config(run.model)
+    ckpt.check_base_matches(stage1, config)  # before loading any weights
+    check_targets(config, cfg.targets or stage1.stage1.mlp_targets)
     check_data(run)
     model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
     attention, report = ckpt.transition(model, stage1, cfg)
@@ -402,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown command {argv[0]!r}; expected one of demo, {', '.join(COMMANDS)} (see --help)")
         COMMANDS[argv[0]](argv[1:])
         return 0
-    except (UserError, ckpt.CheckpointError, ConfigError, data_mod.DataError) as exc:
+    except (UserError, ckpt.CheckpointError, ConfigError, data_mod.DataError, InjectionError) as exc:
         print(f"medcare: error: {exc}", file=sys.stderr)
         return 2
 

@@ -93,4 +93,6 @@ def orth_penalty(a_base: Sequence[torch.Tensor], a_orth: Sequence[torch.Tensor])
     Shapes: a_base[i] [R1_i, Din_i], a_orth[i] [R2_i, Din_i]; pairs may differ in Din and ranks.
     """
     _validate.check_orth_penalty(a_base, a_orth)
-    return _backend.resolve("orth_penalty", a_base[0].device)(list(a_base), list(a_orth))
+    impl = _backend.resolve("orth_penalty", a_base[0].device)
+    with torch.autocast(a_base[0].device.type, enabled=False):  # fp32 accumulation even inside an autocast forward
+        return impl(list(a_base), list(a_orth))

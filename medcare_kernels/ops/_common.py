@@ -56,3 +56,16 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def grad_like(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
     """A gradient in its parameter's own dtype (parameters may be stored wider than the compute dtype)."""
     return None if grad is None or like is None else grad.to(like.dtype)
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., Dout], its [T, Dout] view) with y = x W^T + b. y owns its storage (F.linear on N-D input returns
+    a view, which autograd would forbid callers to modify in place), and the 2-D view lets the adapters be
+    added in place with addmm_."""
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    y2, x2 = y.view(-1, weight.shape[0]), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+    return y, y2

@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import apply_keep, cast, draw_keep, grad_like, redraw_keep
+from ._common import apply_keep, base_linear, cast, draw_keep, grad_like, redraw_keep
 
 
-def lora_linear_fwd(x2, weight, bias, lora_a, lora_b, keep, *, scaling, dropout):
-    """x2 [T, Din] -> (y [T, Dout], h [T, R]); weights already in x2's dtype."""
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, keep, *, scaling, dropout):
+    """x [..., Din] -> (y [..., Dout], h [T, R]); weights already in x's dtype. y is a fresh tensor (not a
+    view), so callers may modify it in place as they would F.linear's output."""
+    x2 = x.reshape(-1, x.shape[-1])
     h = F.linear(apply_keep(x2, keep, dropout), lora_a)
-    y = F.linear(x2, weight, bias)
-    y.addmm_(h, lora_b.t(), alpha=scaling)
+    y, y2 = base_linear(x, weight, bias)
+    y2.addmm_(h, lora_b.t(), alpha=scaling)
     return y, h
 
 
@@ -45,12 +47,11 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout):
         dt = x.dtype
         keep, state = draw_keep(x, dropout)
-        x2 = x.reshape(-1, x.shape[-1])
-        y, h = lora_linear_fwd(x2, weight.to(dt), cast(bias, dt), lora_a.to(dt), lora_b.to(dt), keep,
+        y, h = lora_linear_fwd(x, weight.to(dt), cast(bias, dt), lora_a.to(dt), lora_b.to(dt), keep,
                                scaling=scaling, dropout=dropout)
         ctx.save_for_backward(x, h, weight, bias, lora_a, lora_b)
         ctx.rng_state, ctx.scaling, ctx.dropout = state, scaling, dropout
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):

@@ -27,20 +27,22 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import router_dtype
-from ._common import apply_keep, cast, draw_keep, expand_gates, grad_like, redraw_keep
+from ._common import apply_keep, base_linear, cast, draw_keep, expand_gates, grad_like, redraw_keep
 from .routing_torch import gates_from, route_topk_bwd, route_topk_fwd
 
 
-def molora_linear_fwd(x2, weight, bias, router_weight, router_bias, lora_a, lora_b, keep, *, top_k,
+def molora_linear_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, keep, *, top_k,
                       expert_rank, scaling, dropout):
-    """x2 [T, Din] -> (y [T, Dout], h [T, Rt], probs [T, E], indices [T, K]); weights in x2's dtype."""
+    """x [..., Din] -> (y [..., Dout], h [T, Rt], probs [T, E], indices [T, K]); weights in x's dtype.
+    y is a fresh tensor, not a view, so callers may modify it in place as they would F.linear's output."""
+    x2 = x.reshape(-1, x.shape[-1])
     rdt = router_dtype(x2.dtype)
     probs, indices, gates = route_topk_fwd(F.linear(x2.to(rdt), router_weight.to(rdt), cast(router_bias, rdt)),
                                            top_k)
     h = F.linear(apply_keep(x2, keep, dropout), lora_a)
     g = expand_gates(gates, expert_rank, lora_a.shape[0] - gates.shape[-1] * expert_rank, scaling)
-    y = F.linear(x2, weight, bias)
-    y.addmm_((h.to(rdt) * g).to(x2.dtype), lora_b.t())
+    y, y2 = base_linear(x, weight, bias)
+    y2.addmm_((h.to(rdt) * g).to(x2.dtype), lora_b.t())
     return y, h, probs, indices
 
 
@@ -81,13 +83,12 @@ class MoLoRALinearFunction(torch.autograd.Function):
                 dropout):
         dt = x.dtype
         keep, state = draw_keep(x, dropout)
-        x2 = x.reshape(-1, x.shape[-1])
         y, h, probs, indices = molora_linear_fwd(
-            x2, weight.to(dt), cast(bias, dt), router_weight, router_bias, lora_a.to(dt), lora_b.to(dt), keep,
+            x, weight.to(dt), cast(bias, dt), router_weight, router_bias, lora_a.to(dt), lora_b.to(dt), keep,
             top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
         ctx.save_for_backward(x, h, probs, indices, weight, bias, router_weight, router_bias, lora_a, lora_b)
         ctx.rng_state, ctx.expert_rank, ctx.scaling, ctx.dropout = state, expert_rank, scaling, dropout
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):

@@ -291,6 +291,10 @@ ERROR_CASES = {
                                                        e["stage1_llama"], "--data", e["data"]], "model_type"),
     "--stage1 missing": (lambda e, r: ["stage2", "--model", e["base"], "--stage1", r / "no-stage1", "--data",
                                        e["data"]], "no-stage1"),
+    "unknown MLP target": (lambda e, r: ["stage1", "--model", e["base"], "--data", e["data"], "--mlp_targets",
+                                         "gate_proj", "fc9"], "fc9"),
+    "resume with no checkpoint": (lambda e, r: ["stage1", "--model", e["base"], "--data", e["data"],
+                                                "--resume_from_checkpoint", "last"], "no checkpoint-*"),
 }
 
 
@@ -411,3 +415,32 @@ def test_stage2_after_a_partial_stage1_uses_or_names_its_targets(env, tmp_path, 
     # With matching targets it works.
     assert run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output",
                 tmp_path / "s2b", "--targets", "up_proj", "--max_steps", "1", *FAST]) == 0
+
+
+def _last_error_line(capfd) -> str:
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.strip()][-1]
+
+
+def test_a_non_empty_output_is_never_overwritten(env, tmp_path, capfd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *FAST]) == 2
+    assert "already exists and is not empty" in _last_error_line(capfd)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    # stage 2 writing into its own --stage1 directory is refused even with --overwrite_output
+    before = (tmp_path / "x").exists()
+    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--output",
+                env["stage1"], "--overwrite_output", "true", *FAST]) == 2
+    assert "is also an input" in _last_error_line(capfd) and not before
+    assert '"stage": 1' in open(os.path.join(env["stage1"], "medcare_adapter.json")).read()
+
+
+def test_a_bad_kernel_backend_is_reported_before_loading(env, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("MEDCARE_KERNELS_BACKEND", "fastest")
+    out = tmp_path / "out"
+    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *FAST]) == 2
+    assert "MEDCARE_KERNELS_BACKEND" in _last_error_line(capfd)
+    assert not out.exists()

@@ -75,3 +75,19 @@ def test_lora_under_autocast_runs_in_the_autocast_dtype(backend):
         want = reference.lora_linear(x.detach().bfloat16(), w.bfloat16(), b.bfloat16(), a.detach().bfloat16(),
                                      bb.detach().bfloat16(), scaling=2.0)
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_can_be_modified_in_place_like_f_linear(backend):
+    """A drop-in for nn.Linear: the result is a fresh tensor, not a view autograd forbids modifying."""
+    x, w, b, a, bb = leaves(lora_inputs(0, 8, 5, 2, lead=(2, 3)), trainable=(0, 3, 4))
+    y = call_backend(backend, mk.lora_linear, x, w, b, a, bb, scaling=2.0)
+    y.mul_(2.0)
+    y.sum().backward()
+    torch.testing.assert_close(a.grad, reference_grad_a(x, w, b, a, bb))
+
+
+def reference_grad_a(x, w, b, a, bb):
+    a2 = a.detach().clone().requires_grad_()
+    (2.0 * reference.lora_linear(x.detach(), w, b, a2, bb.detach(), scaling=2.0)).sum().backward()
+    return a2.grad

@@ -60,3 +60,13 @@ def test_orth_penalty_sign_of_zero_is_zero(backend):
     got = call_backend(backend, mk.orth_penalty, [a], [b])
     got.backward()
     assert got.item() == 0.0 and a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_orth_penalty_accumulates_in_fp32_under_autocast(backend):
+    a_base, a_orth = _pairs(_model_spec(2, 8, 64, 96), torch.float32)
+    want = reference.orth_penalty(a_base, a_orth)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = call_backend(backend, mk.orth_penalty, a_base, a_orth)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
