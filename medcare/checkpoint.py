@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__
 from .config import Stage1Config, Stage2Config
 from .inject import InjectionReport, adapter_modules, apply_stage2
-from .layers import LoRALinear, MoLoRALinear
+from .layers import MoLoRALinear
 
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "medcare_adapter.json"
@@ -236,25 +236,28 @@ def _find(model: nn.Module, name: str) -> nn.Module | None:
 
 
 @torch.no_grad()
-def merge_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], role: str, scaling: float) -> int:
-    """W += s * B A for every "<module>.<role>.lora_a/b" pair in `tensors` whose module is a plain nn.Linear
-    in the model (fp32 math, cast back to the weight's dtype). Returns the number of merged modules."""
-    suffix = f".{role}.lora_a"
+def merge_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], scalings: dict[str, float]) -> int:
+    """W += sum over roles of s_role * B A, for every "<module>.<role>.lora_a/b" pair in `tensors` whose role
+    is in `scalings` (the module may be a plain nn.Linear or an adapter's base layer). Deltas are summed in
+    fp32 and each weight is updated once, so a bf16 checkpoint is rounded once. Every module is looked up
+    before any weight changes: a refused merge leaves the model as it was. Returns the pairs merged."""
+    deltas: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
     merged = 0
-    for key in tensors:
-        if not key.endswith(suffix):
+    for key, a in tensors.items():
+        name, role, tensor = key.rsplit(".", 2)
+        if tensor != "lora_a" or role not in scalings:
             continue
-        name = key[: -len(suffix)]
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"the model has no module {name!r} for adapter tensor {key!r}") from None
-        if isinstance(layer, (LoRALinear, MoLoRALinear)):
-            layer = layer.base_layer
-        w = layer.weight
-        delta = scaling * (tensors[f"{name}.{role}.lora_b"].float() @ tensors[key].float())
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+        layer = _find(model, name)
+        if layer is None:
+            raise CheckpointError(f"the model has no module {name!r} for adapter tensor {key!r}")
+        weights[name] = getattr(layer, "base_layer", layer).weight
+        delta = scalings[role] * (tensors[f"{name}.{role}.lora_b"].float() @ a.float())
+        deltas[name] = deltas[name] + delta if name in deltas else delta
         merged += 1
+    for name, delta in deltas.items():
+        w = weights[name]
+        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
     return merged
 
 
@@ -280,10 +283,7 @@ def transition(model: nn.Module, stage1: StageDir, cfg: Stage2Config
         raise CheckpointError(f"stage 1 trained MoLoRA on {', '.join(s1.mlp_targets)} only, so {', '.join(extra)} "
                               f"has no knowledge LoRA; pass --targets {' '.join(s1.mlp_targets)}")
     attention = {k: v for k, v in stage1.tensors.items() if ".attention." in k}
-    for key in attention:
-        if key.endswith(".lora_a") and _find(model, key.rsplit(".attention.", 1)[0]) is None:
-            raise CheckpointError(f"the model has no module for stage-1 tensor {key!r}")
-    merge_lora_tensors(model, attention, "attention", s1.attn_scaling)
+    merge_lora_tensors(model, attention, {"attention": s1.attn_scaling})
     report = apply_stage2(model, cfg, knowledge_rank=s1.shared_rank)
     if s1.shared_rank:
         shared = {k.replace(".shared.", ".knowledge."): v for k, v in stage1.tensors.items() if ".shared." in k}
@@ -393,25 +393,10 @@ def load_stage1(path: str, top_k: int | None = None) -> StageDir:
 # -------------------------------------------------------------------------------------------- export
 def merge_stage2(model: nn.Module, stage2: StageDir) -> int:
     """Fold everything a stage-2 directory holds into the plain base model's weights, in place:
-    W += s_attn B A on the attention projections, W += s (Bk Ak + Ba Aa) on the MLP projections.
-    Each weight is updated once (deltas summed in fp32), so a bf16 checkpoint is rounded once."""
+    W += s_attn B A on the attention projections, W += s (Bk Ak + Ba Aa) on the MLP projections."""
     s1, s2 = stage2.meta["stage1"], stage2.meta["stage2"]
-    scalings = {"attention": s1["attn_alpha"] / s1["attn_rank"], "knowledge": s2["scaling"], "alignment": s2["scaling"]}
-    deltas: dict[str, torch.Tensor] = {}
-    for key, a in stage2.tensors.items():
-        name, role, tensor = key.rsplit(".", 2)
-        if tensor != "lora_a" or role not in scalings:
-            continue
-        delta = scalings[role] * (stage2.tensors[f"{name}.{role}.lora_b"].float() @ a.float())
-        deltas[name] = deltas[name] + delta if name in deltas else delta
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            layer = _find(model, name)
-            if layer is None:
-                raise CheckpointError(f"the model has no module {name!r} for the stage-2 adapters")
-            w = getattr(layer, "base_layer", layer).weight
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-    return sum(1 for k in stage2.tensors if k.endswith(".lora_a") and k.rsplit(".", 2)[1] in scalings)
+    return merge_lora_tensors(model, stage2.tensors, {"attention": s1["attn_alpha"] / s1["attn_rank"],
+                                                      "knowledge": s2["scaling"], "alignment": s2["scaling"]})
 
 
 def publish_dir(build: Callable[[str], None], output_dir: str) -> None:

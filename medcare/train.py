@@ -254,21 +254,25 @@ def check_targets(config, names: list[str]) -> None:
                         f"pick target projections it has (medcare knows q/k/v/o_proj and gate/up/down_proj)")
 
 
-def check_data(run: RunArguments) -> None:
-    """Validate the data files before any model is loaded (every problem at once)."""
-    problems = data_mod.check_files(run.data)
-    unusable = [p for p in problems if p.whole_file]
-    if problems and (run.on_bad_records == "fail" or unusable):
-        first = "; ".join(str(p) for p in (unusable or problems)[:3])
+def check_data(run: RunArguments) -> data_mod.LoadResult:
+    """Read and validate the data once, before any model is loaded; every problem is found, the first
+    few are reported in one line. The result feeds build_dataset, so the files are parsed only once."""
+    try:
+        loaded = data_mod.load_records(run.data, on_error="skip")
+        problems, fatal = loaded.problems, False
+    except data_mod.DataError as exc:  # an unusable file, or no good record left
+        problems, fatal = exc.problems, True
+    if problems and (fatal or run.on_bad_records == "fail"):
+        first = "; ".join(str(p) for p in problems[:3])
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"{first}{more}; `python -m medcare.data check {' '.join(run.data)}` lists every problem"
-                        + ("" if unusable else ", or pass --on_bad_records skip"))
+                        + ("" if fatal else ", or pass --on_bad_records skip"))
+    return loaded
 
 
-def build_dataset(run: RunArguments, tokenizer):
-    loaded = data_mod.load_records(run.data, on_error=run.on_bad_records)
+def build_dataset(run: RunArguments, loaded: data_mod.LoadResult, tokenizer):
     if loaded.problems:
-        print(f"medcare: skipped {len(loaded.problems)} bad records of {loaded.total}", file=sys.stderr)
+        print(f"medcare: skipped {loaded.skipped} bad records of {loaded.total}", file=sys.stderr)
     try:
         dataset = data_mod.SupervisedDataset(loaded.records, tokenizer, run.model_max_length, mask=run.label_mask)
     except ValueError as exc:  # e.g. truncation left no supervised token in any record, or a bad chat template
@@ -382,11 +386,11 @@ class StageResult:
 def run_stage1(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(1, argv)
     check_targets(load_config(run.model), cfg.attn_targets + cfg.mlp_targets)
-    check_data(run)
+    loaded = check_data(run)
     model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
     report = apply_stage1(model, cfg)
     print(f"medcare: stage 1 on {run.model}: {report}")
-    dataset = build_dataset(run, tokenizer)
+    dataset = build_dataset(run, loaded, tokenizer)
     meta = {"stage": 1, "stage1": cfg.to_dict(),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
     history = _fit(model, tokenizer, dataset, targs, meta)
@@ -396,17 +400,16 @@ def run_stage1(argv: list[str]) -> StageResult:
 
 def run_stage2(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(2, argv)
-    check_model_dir(run.model)
     stage1 = ckpt.load_stage1(run.stage1, run.official_top_k)
     config = load_config(run.model)
     ckpt.check_base_matches(stage1, config)  # before loading any weights
     check_targets(config, cfg.targets or stage1.stage1.mlp_targets)
-    check_data(run)
+    loaded = check_data(run)
     model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
     attention, report = ckpt.transition(model, stage1, cfg)
     print(f"medcare: stage 2 on {run.model} from {run.stage1}: {report}; "
           f"{len(orth_pairs(model)[0])} projections under the orthogonality penalty")
-    dataset = build_dataset(run, tokenizer)
+    dataset = build_dataset(run, loaded, tokenizer)
     meta = {"stage": 2, "stage1": stage1.stage1.to_dict(), "stage2": cfg.to_dict(),
             "stage1_dir": os.path.abspath(run.stage1),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
