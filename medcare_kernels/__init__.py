@@ -47,20 +47,23 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, router_weight: torch.Tensor,
                   router_bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, *, num_experts: int,
-                  top_k: int, expert_rank: int, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+                  top_k: int, expert_rank: int, scaling: float, dropout: float = 0.0,
+                  return_indices: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T + b + s * sum_{j<K} w_j B_{I_j} A_{I_j} drop(x) + s * Bs As drop(x), routed by softmax top-K.
 
     Shapes: x [..., Din]; weight [Dout, Din]; bias [Dout] | None; router_weight [E, Din];
     router_bias [E] | None; lora_a [E*R + Rs, Din] (experts in order, shared last); lora_b [Dout, E*R + Rs].
-    Returns y [..., Dout] in x's dtype (the autocast dtype under autocast).
+    Returns y [..., Dout] in x's dtype (the autocast dtype under autocast); with return_indices=True,
+    (y, indices [..., K] int64), the experts each token was routed to (for usage statistics; no extra work).
     """
     _validate.check_molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts,
                                   top_k, expert_rank, scaling, dropout)
     x = _autocast_input(x)
     impl = _backend.resolve("molora_linear", x.device)
     with torch.autocast(x.device.type, enabled=False):
-        return impl(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts=num_experts,
-                    top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
+        y, indices = impl(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts=num_experts,
+                          top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
+    return (y, indices) if return_indices else y
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,

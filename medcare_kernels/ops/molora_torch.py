@@ -88,10 +88,11 @@ class MoLoRALinearFunction(torch.autograd.Function):
             top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
         ctx.save_for_backward(x, h, probs, indices, weight, bias, router_weight, router_bias, lora_a, lora_b)
         ctx.rng_state, ctx.expert_rank, ctx.scaling, ctx.dropout = state, expert_rank, scaling, dropout
-        return y
+        ctx.mark_non_differentiable(indices)
+        return y, indices.view(*x.shape[:-1], top_k)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _d_indices):
         x, h, probs, indices, weight, bias, router_weight, router_bias, lora_a, lora_b = ctx.saved_tensors
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -109,6 +110,7 @@ class MoLoRALinearFunction(torch.autograd.Function):
 
 def molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *, num_experts, top_k, expert_rank,
                   scaling, dropout=0.0):
+    """(y [..., Dout], indices [..., K]): the routing decision comes back for usage statistics, at no cost."""
     del num_experts  # router_weight.shape[0]; validated by the public API
     return MoLoRALinearFunction.apply(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k,
                                       expert_rank, float(scaling), float(dropout))

@@ -102,3 +102,20 @@ def test_molora_zero_tokens(backend):
     assert y.shape == (0, 5)
     y.sum().backward()
     assert inputs[5].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", backends_for("molora_linear"))
+def test_return_indices_matches_route_topk(backend):
+    """return_indices=True gives the routing decision the op used: exactly route_topk of the router logits."""
+    t, din, dout, e, k, r, rs = 37, 24, 20, 4, 2, 3, 2
+    x = torch.randn(2, t, din)
+    w, rw, rb = torch.randn(dout, din), torch.randn(e, din), torch.randn(e)
+    a, b = torch.randn(e * r + rs, din), torch.randn(dout, e * r + rs)
+    with mk.use_backend(backend):
+        y, idx = mk.molora_linear(x, w, None, rw, rb, a, b, num_experts=e, top_k=k, expert_rank=r, scaling=2.0,
+                                  return_indices=True)
+        y_only = mk.molora_linear(x, w, None, rw, rb, a, b, num_experts=e, top_k=k, expert_rank=r, scaling=2.0)
+    _, want = mk.reference.route_topk(x @ rw.t() + rb, k)
+    assert idx.shape == (2, t, k) and idx.dtype == torch.int64
+    assert torch.equal(idx, want)
+    torch.testing.assert_close(y, y_only, rtol=0, atol=0)
