@@ -32,7 +32,13 @@ _backend.register("torch", "molora_linear", molora_torch.molora_linear)
 _backend.register("torch", "lora_linear", lora_torch.lora_linear)
 _backend.register("torch", "route_topk", routing_torch.route_topk)
 _backend.register("torch", "orth_penalty", orth_penalty_torch.orth_penalty)
-_backend.mark_unavailable("triton", "this version of medcare_kernels has no Triton kernels yet")
+try:  # Triton ships for Linux x86-64/aarch64; elsewhere the torch (and ext) backends remain
+    from .ops import lora_triton, molora_triton
+except ImportError as exc:
+    _backend.mark_unavailable("triton", f"Triton is not importable here ({exc})")
+else:
+    _backend.register("triton", "molora_linear", molora_triton.molora_linear)
+    _backend.register("triton", "lora_linear", lora_triton.lora_linear)
 del _ext  # imported for its side effect: registering (or explaining the absence of) the ext backend
 
 

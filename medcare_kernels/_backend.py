@@ -92,12 +92,26 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of `op` for tensors on `device` under the current backend choice."""
+    if torch.compiler.is_compiling():
+        # The choice (a context variable and the environment) is read once when the graph is traced, as a
+        # constant, so a model calling the ops compiles with fullgraph=True; use_backend inside a compiled
+        # region therefore applies at the next recompilation, not mid-graph.
+        return _registry[_resolve_name_constant(op, device.type)][op]
+    return _registry[_resolve_name(op, device)][op]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name_constant(op: str, device_type: str) -> str:
+    return _resolve_name(op, torch.device(device_type))
+
+
+def _resolve_name(op: str, device: torch.device) -> str:
     name = current_backend()
     if name == "auto":
         for cand in AUTO_ORDER.get(device.type, ("torch",)):
             if op in _registry[cand] and _runs_on(cand, device):
-                return _registry[cand][op]
-        return _registry["torch"][op]
+                return cand
+        return "torch"
     impls = _registry[name]
     if not impls:
         raise BackendUnavailableError(f"medcare_kernels backend {name!r} was requested but is not available: "
@@ -108,4 +122,4 @@ def resolve(op: str, device: torch.device) -> Callable:
     if not _runs_on(name, device):
         raise BackendUnavailableError(f"medcare_kernels backend {name!r} cannot run on {device.type} tensors "
                                       f"(it runs on {', '.join(_devices[name])})")
-    return impls[op]
+    return name

@@ -1,0 +1,138 @@
+"""A GEMM with a second K segment: C = A1 B1^T + A2 B2^T (+ bias), for the Triton LoRA/MoLoRA ops.
+
+This is the LoRAFusion idea without concatenating anything: the low-rank expand (S lora_b^T in the forward,
+[dh | dl] [lora_a; Wr] in the input gradient) rides along the frozen base GEMM as a few extra K iterations, so
+the [T, Dout] output is written once instead of written, read back and written again by an in-place addmm.
+fp32 accumulation; fp32 operands use IEEE fp32 dots (never TF32: the torch backend does not use TF32 either).
+
+Whether this beats cuBLAS + an in-place addmm depends on the Triton GEMM running at cuBLAS speed at the exact
+shape, so the callers pick the path with `use_fused_gemm()` (MEDCARE_TRITON_GEMM=fused|cublas|auto); `auto`
+follows what benchmarks/bench_triton_gemm.py measured on an H100 (see the note in DEFAULT_GEMM).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# On an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192) measured with benchmarks/bench_triton_gemm.py; the
+# value is the path `auto` takes.
+DEFAULT_GEMM = "cublas"
+
+
+def _configs():
+    if INTERPRET:  # the interpreter cannot autotune over several configs; small tiles keep it quick
+        return [triton.Config({"BM": 32, "BN": 32, "BK": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                             (128, 256, 32, 8, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]:
+        cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. IEEE: exact fp32 products (fp32 operands; never TF32). UPCAST: bf16
+    operands go through fp32 (only under TRITON_INTERPRET, whose bf16 dot is wrong; on a GPU bf16 x bf16
+    products are exact in fp32 either way, so the numerics are the same)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE or UPCAST:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The IEEE/UPCAST constexprs of `mma` for operands of `dtype`, and ACC, the accumulation type (fp32;
+    fp64 for fp64 operands, which only gradchecks use)."""
+    return {"IEEE": dtype in (torch.float32, torch.float64), "UPCAST": INTERPRET and dtype == torch.bfloat16,
+            "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "IEEE", "UPCAST", "ACC"])
+@triton.jit
+def _gemm2_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
+                  s_a1m, s_a1k, s_b1n, s_b1k, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn,
+                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                  ACC_C: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped launch order: GROUP_M row-blocks share each column block of B while it is in L2.
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, K1, BK):
+        kk = k0 + rk
+        a = tl.load(a1_ptr + rm[:, None] * s_a1m + kk[None, :] * s_a1k, mask=m_ok[:, None] & (kk[None, :] < K1),
+                    other=0.0)
+        b = tl.load(b1_ptr + kk[:, None] * s_b1k + rn[None, :] * s_b1n, mask=(kk[:, None] < K1) & n_ok[None, :],
+                    other=0.0)
+        acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
+    for k0 in range(0, K2, BK):
+        kk = k0 + rk
+        a = tl.load(a2_ptr + rm[:, None] * s_a2m + kk[None, :] * s_a2k, mask=m_ok[:, None] & (kk[None, :] < K2),
+                    other=0.0)
+        b = tl.load(b2_ptr + kk[:, None] * s_b2k + rn[None, :] * s_b2n, mask=(kk[:, None] < K2) & n_ok[None, :],
+                    other=0.0)
+        acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+    if ACC_C:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(ACC)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def use_fused_gemm(device: torch.device) -> bool:
+    """True when the base GEMM and the low-rank expand should run as one Triton GEMM (see the module doc)."""
+    choice = os.environ.get("MEDCARE_TRITON_GEMM", "auto").strip().lower()
+    if choice not in ("auto", "fused", "cublas"):
+        raise ValueError(f"$MEDCARE_TRITON_GEMM must be auto, fused or cublas; got {choice!r}")
+    if choice == "auto":
+        choice = "fused" if (INTERPRET and device.type == "cpu") else DEFAULT_GEMM
+    return choice == "fused"
+
+
+def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,
+          bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+          accumulate: bool = False) -> torch.Tensor:
+    """C = a1 b1^T + a2 b2^T + bias, or C += ... with accumulate=True (into `out`).
+
+    a1 [M, K1]; b1 [N, K1] (any strides: pass W.t() views for the input gradient); a2 [M, K2] | None;
+    b2 [N, K2] | None; bias [N] | None; out [M, N] (row-major; allocated in a1's dtype when None).
+    """
+    m, k1 = a1.shape
+    n = b1.shape[0]
+    if a2 is None:
+        a2, b2 = a1[:, :0], b1[:, :0]
+    k2 = a2.shape[1]
+    if out is None:
+        out = torch.empty(m, n, dtype=a1.dtype, device=a1.device)
+    if m == 0 or n == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+    _gemm2_kernel[grid](a1, b1, a2, b2, bias if bias is not None else a1, out, m, n, k1, k2,
+                        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
+                        b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
+                        HAS_BIAS=bias is not None, ACC_C=accumulate, **dot_flags(a1.dtype))
+    return out
