@@ -51,11 +51,14 @@ def gemm_table(t, dt):
     return rows
 
 
-def saved_bytes(fn):
+def saved_bytes(fn, params):
+    """Bytes autograd keeps for backward beyond the parameters (which are held anyway)."""
     total = [0]
+    skip = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t):
-        total[0] += t.numel() * t.element_size()
+        if t.untyped_storage().data_ptr() not in skip:
+            total[0] += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -95,7 +98,7 @@ def projection_table(t, dt):
             os.environ["MEDCARE_TRITON_GEMM"] = gemm
             with mk.use_backend(backend):
                 _, nbytes = saved_bytes(lambda: mk.molora_linear(x, w, None, rw, rb, a, bb, num_experts=E, top_k=K,
-                                                                 expert_rank=R, scaling=2.0))
+                                                                 expert_rank=R, scaling=2.0), (w, rw, rb, a, bb))
             extra = (nbytes - x.numel() * x.element_size()) / (t * (E * R + Rs) * x.element_size())
             rec[f"{label}_ms"] = ms
             rec[f"{label}_x_base"] = ms / ms_base

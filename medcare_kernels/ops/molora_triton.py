@@ -1,11 +1,20 @@
-"""molora_linear, Triton backend: routed LoRA experts + shared LoRA fused around the frozen base GEMM.
+"""molora_linear, Triton backend: routed LoRA experts + shared LoRA around the frozen cuBLAS base GEMM.
 
-Forward (T tokens, Rt = E*R + Rs, all in the compute dtype unless marked fp32):
-    _shrink_route_fwd   one pass over x: h = drop(x) lora_a^T [T, Rt] and the router logits x Wr^T (fp32, IEEE),
-                        then in the epilogue softmax -> top-K (ties to the lower index) -> renormalise, and the
-                        gated activation S = h * g, g = s * [gates repeated R | 1 for the shared block].
-    base + expand       y = x W^T + b + S lora_b^T: one Triton GEMM with S/lora_b as a second K segment
-                        (_triton_gemm.gemm2), or cuBLAS base + in-place addmm where that measures faster.
+What is fused, and why (measured on an H100, bf16, T=8192, Qwen1.5-7B MLP shapes; benchmarks/bench_triton_gemm.py
+and profile_molora.py): the big and the skinny GEMMs go to cuBLAS, which runs the base GEMM at ~790 TFLOP/s
+where a Triton GEMM reached ~610 (so the "expand as an extra K slab" GEMM lost to cuBLAS + in-place addmm, and
+`_triton_gemm.DEFAULT_GEMM` is cublas). A first version that did the shrink GEMM and the router in one Triton
+kernel with FMA-based fp32 dots ran 5-30x slower than its cuBLAS parts. Triton does what cuBLAS cannot: the
+fp32 router on the exact (upcast) bf16 activations with the softmax -> top-K -> renormalise epilogue and the
+gating, in one pass over x, and the routing backward, element-wise over [T, E*R+Rs].
+
+Forward (T tokens, Rt = E*R + Rs):
+    h = drop(x) lora_a^T                 cuBLAS [T, Rt]
+    _router_fwd                          one pass over x: logits = x Wr^T + br in fp32 (3xTF32 tensor-core dots
+                                         on the exactly-upcast bf16/fp16 x, IEEE fp32 for fp32 x), softmax, top-K
+                                         (ties to the lower index), renormalise; and S = h * g with
+                                         g = s * [gates repeated R | 1 for the shared block]   [T, Rt]
+    y = x W^T + b;  y += S lora_b^T      cuBLAS (or the two-segment Triton GEMM, MEDCARE_TRITON_GEMM=fused)
 No [T, E, Dout] tensor, no token permutation, no host synchronisation (CUDA-graph and torch.compile friendly:
 the op is a torch.library custom op with a fake implementation and a registered autograd).
 
@@ -14,14 +23,14 @@ beyond x, as the torch backend. With dropout > 0 the dropped input comes from re
 same draw as the torch backend) and autograd keeps its mask; the MoLoRA recipe uses no dropout.
 
 Backward:
-    dS = dY lora_b                      cuBLAS skinny GEMM (one read of dY)
-    _gate_route_bwd                     per token block: dh = dS * g; d_gate_e = s <dS_e, h_e> (R-length dots,
-                                        no cached expert outputs); softmax-top-K backward -> d_logits (fp32);
-                                        S = h * g again for dB; [dh | d_logits] side by side for dX.
-    dB = dY^T S                         cuBLAS
-    dX = dY W + [dh | dl] [lora_a; Wr]  one Triton GEMM with a second K segment, or cuBLAS + in-place addmm
-    _wgrad_x                            one pass over x: d lora_a = dh^T drop(x) and d Wr = dl^T x (fp32),
-                                        split over T into fp32 partials summed afterwards (deterministic).
+    dS = dY lora_b                       cuBLAS [T, Rt]
+    _gate_route_bwd                      element-wise per token block: dh = dS * g; d gate_e = s <dS_e, h_e>
+                                         (R-length dots, no cached expert outputs); softmax-top-K backward ->
+                                         d_logits (fp32); S = h * g again for dB
+    dB = dY^T S;  dA = dh^T drop(x)      cuBLAS
+    dX = dY W + [dh | dl] [lora_a; Wr]   cuBLAS mm + one in-place addmm (or the two-segment Triton GEMM)
+    _router_wgrad                        d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
+                                         partials summed afterwards (deterministic, no atomics)
 Reference: medcare_kernels.reference.molora_linear.
 """
 
@@ -33,61 +42,47 @@ import triton.language as tl
 
 from ..reference import dropout_keep_mask, router_dtype
 from ._common import grad_like
-from ._triton_gemm import INTERPRET, dot_flags, gemm2, mma, use_fused_gemm
+from ._triton_gemm import INTERPRET, gemm2, use_fused_gemm
 
 # ---------------------------------------------------------------------------------------------- tile configs
-# Token blocks of 64 keep the [BLOCK_T, Rt_pad] fp32 accumulator (Rt = 160 -> 256 columns) in registers.
-BLOCK_T = 16 if INTERPRET else 64
-BLOCK_D = 32 if INTERPRET else 64
-WGRAD_BLOCK_D = 32 if INTERPRET else 64
+BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
+BLOCK_D = 32 if INTERPRET else 128      # Din per step of the router's pass over x
+WGRAD_BLOCK_D = 32 if INTERPRET else 128
+WGRAD_BLOCK_T = 16 if INTERPRET else 64
 
 
 def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _router_precision(dtype: torch.dtype) -> str:
+    """fp32 router dots: IEEE where x is fp32/fp64 (or interpreted); 3xTF32 on tensor cores for bf16/fp16 x,
+    whose upcast is exact in TF32, so only the router weight's split costs accuracy (~2^-22 relative)."""
+    return "ieee" if (INTERPRET or dtype in (torch.float32, torch.float64)) else "tf32x3"
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _gate_columns(gates, cols_r, cols_e, ER, R: tl.constexpr, scaling, ACC: tl.constexpr):
-    """[BT, E_PAD] fp32 gates -> [BT, RT_PAD] column scales s*gate(c // R), s on the shared columns, exactly
-    (a one-hot product in IEEE fp32: each output is one gate times 1)."""
-    onehot = ((cols_r[None, :] // R) == cols_e[:, None]) & (cols_r[None, :] < ER)
-    g = tl.dot(gates, onehot.to(ACC), input_precision="ieee")
-    return tl.where(cols_r[None, :] >= ER, 1.0, g) * scaling
-
-
-@triton.jit
-def _shrink_route_fwd(x_ptr, xd_ptr, a_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
-                      T, DIN, RT, E, ER, s_xt, s_xdt, s_at, s_rwt, scaling,
-                      R: tl.constexpr, K: tl.constexpr, HAS_RB: tl.constexpr, HAS_DROP: tl.constexpr,
-                      IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr,
-                      RT_PAD: tl.constexpr, E_PAD: tl.constexpr):
+def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
+                T, DIN, E, ER, RS, s_xt, s_rwt, scaling,
+                R: tl.constexpr, K: tl.constexpr, HAS_RB: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                RS_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r_ok = rows < T
-    cols_r = tl.arange(0, RT_PAD)
     cols_e = tl.arange(0, E_PAD)
-    acc_h = tl.zeros((BLOCK_T, RT_PAD), dtype=ACC)
-    acc_l = tl.zeros((BLOCK_T, E_PAD), dtype=ACC)
+    e_ok = cols_e < E
+    acc = tl.zeros((BLOCK_T, E_PAD), dtype=ACC)
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
         x = tl.load(x_ptr + rows[:, None] * s_xt + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        if HAS_DROP:
-            xd = tl.load(xd_ptr + rows[:, None] * s_xdt + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            xd = x
-        a = tl.load(a_ptr + cols_r[:, None] * s_at + d[None, :], mask=(cols_r < RT)[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc_h = mma(xd, tl.trans(a.to(xd.dtype)), acc_h, IEEE, UPCAST)
-        rw = tl.load(rw_ptr + cols_e[:, None] * s_rwt + d[None, :], mask=(cols_e < E)[:, None] & d_ok[None, :],
-                     other=0.0)
+        rw = tl.load(rw_ptr + cols_e[:, None] * s_rwt + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         # Router in fp32 from the exact upcast of x: bf16 logits could overflow or flip the top-K.
-        acc_l = tl.dot(x.to(ACC), tl.trans(rw.to(ACC)), acc_l, input_precision="ieee")
-    e_ok = cols_e < E
+        acc = tl.dot(x.to(ACC), tl.trans(rw.to(ACC)), acc, input_precision=PREC)
     if HAS_RB:
-        acc_l += tl.load(rb_ptr + cols_e, mask=e_ok, other=0.0).to(ACC)[None, :]
-    logits = tl.where(e_ok[None, :], acc_l, float("-inf"))
+        acc += tl.load(rb_ptr + cols_e, mask=e_ok, other=0.0).to(ACC)[None, :]
+    logits = tl.where(e_ok[None, :], acc, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
     tl.store(probs_ptr + rows[:, None] * E + cols_e[None, :], p, mask=r_ok[:, None] & e_ok[None, :])
@@ -102,106 +97,115 @@ def _shrink_route_fwd(x_ptr, xd_ptr, a_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_
         chosen = tl.where(hit, p, chosen)
         work = tl.where(hit, -2.0, work)
     gates = chosen / tl.sum(chosen, axis=1)[:, None]
-    g = _gate_columns(gates, cols_r, cols_e, ER, R, scaling, ACC)
-    h = acc_h.to(h_ptr.dtype.element_ty)
-    out_mask = r_ok[:, None] & (cols_r < RT)[None, :]
-    tl.store(h_ptr + rows[:, None] * RT + cols_r[None, :], h, mask=out_mask)
-    tl.store(s_ptr + rows[:, None] * RT + cols_r[None, :], (h.to(ACC) * g).to(s_ptr.dtype.element_ty),
-             mask=out_mask)
+    _scale_adapters(h_ptr, s_ptr, rows, r_ok, gates, E, ER, RS, scaling, R, ACC, E_PAD, R_PAD, RS_PAD)
+
+
+@triton.jit
+def _scale_adapters(h_ptr, out_ptr, rows, r_ok, gates, E, ER, RS, scaling, R: tl.constexpr, ACC: tl.constexpr,
+                    E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
+    """out = h * s * [gate_e on expert e's R columns | 1 on the shared columns], for one token block; the
+    expert block is addressed as [BLOCK_T, E, R] so each gate broadcasts over its R columns, no gather."""
+    rt = ER + RS
+    ce = tl.arange(0, E_PAD)
+    cr = tl.arange(0, R_PAD)
+    off = rows[:, None, None] * rt + ce[None, :, None] * R + cr[None, None, :]
+    m = r_ok[:, None, None] & (ce < E)[None, :, None] & (cr < R)[None, None, :]
+    h = tl.load(h_ptr + off, mask=m, other=0.0).to(ACC)
+    tl.store(out_ptr + off, (h * (gates * scaling)[:, :, None]).to(out_ptr.dtype.element_ty), mask=m)
+    cs = tl.arange(0, RS_PAD)
+    off_s = rows[:, None] * rt + ER + cs[None, :]
+    m_s = r_ok[:, None] & (cs < RS)[None, :]
+    h_s = tl.load(h_ptr + off_s, mask=m_s, other=0.0).to(ACC)
+    tl.store(out_ptr + off_s, (h_s * scaling).to(out_ptr.dtype.element_ty), mask=m_s)
 
 
 @triton.jit
 def _gate_route_bwd(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
-                    T, RT, E, ER, s_dst, s_dhlt, scaling,
+                    T, E, ER, RS, s_dhlt, scaling,
                     R: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                    RT_PAD: tl.constexpr, E_PAD: tl.constexpr):
+                    E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r_ok = rows < T
-    cols_r = tl.arange(0, RT_PAD)
-    cols_e = tl.arange(0, E_PAD)
-    e_ok = cols_e < E
-    rt_mask = r_ok[:, None] & (cols_r < RT)[None, :]
-    ds = tl.load(ds_ptr + rows[:, None] * s_dst + cols_r[None, :], mask=rt_mask, other=0.0).to(ACC)
-    h = tl.load(h_ptr + rows[:, None] * RT + cols_r[None, :], mask=rt_mask, other=0.0).to(ACC)
-    p = tl.load(probs_ptr + rows[:, None] * E + cols_e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+    rt = ER + RS
+    ce = tl.arange(0, E_PAD)
+    cr = tl.arange(0, R_PAD)
+    e_ok = ce < E
+    p = tl.load(probs_ptr + rows[:, None] * E + ce[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
     sel = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int1)
     for j in tl.static_range(K):
         pick = tl.load(idx_ptr + rows * K + j, mask=r_ok, other=E_PAD)
-        sel = sel | (cols_e[None, :] == pick[:, None])
+        sel = sel | (ce[None, :] == pick[:, None])
     p_sel = tl.where(sel, p, 0.0)
     z = tl.sum(p_sel, axis=1)[:, None]
     z = tl.where(z > 0.0, z, 1.0)  # padding rows of the block
     w = p_sel / z
-    g = _gate_columns(w, cols_r, cols_e, ER, R, scaling, ACC)
-    # d gate_e = s * <dS_e, h_e>: the R columns of expert e summed by a one-hot product (IEEE fp32).
-    onehot_t = ((cols_r[:, None] // R) == cols_e[None, :]) & (cols_r[:, None] < ER)
-    d_w = tl.dot(ds * h, onehot_t.to(ACC), input_precision="ieee") * scaling
-    d_w = tl.where(sel, d_w, 0.0)
+    # Expert block as [BLOCK_T, E, R]: d gate_e = s <dS_e, h_e> is a sum over the last axis.
+    off = rows[:, None, None] * rt + ce[None, :, None] * R + cr[None, None, :]
+    m = r_ok[:, None, None] & e_ok[None, :, None] & (cr < R)[None, None, :]
+    ds = tl.load(ds_ptr + off, mask=m, other=0.0).to(ACC)
+    h = tl.load(h_ptr + off, mask=m, other=0.0).to(ACC)
+    d_w = tl.where(sel, tl.sum(ds * h, axis=2) * scaling, 0.0)
     dp = tl.where(sel, (d_w - tl.sum(d_w * w, axis=1)[:, None]) / z, 0.0)
     dl = p * (dp - tl.sum(dp * p, axis=1)[:, None])
-    tl.store(dl_ptr + rows[:, None] * E + cols_e[None, :], dl, mask=r_ok[:, None] & e_ok[None, :])
-    dh = (ds * g).to(dhl_ptr.dtype.element_ty)
-    tl.store(dhl_ptr + rows[:, None] * s_dhlt + cols_r[None, :], dh, mask=rt_mask)
+    tl.store(dl_ptr + rows[:, None] * E + ce[None, :], dl, mask=r_ok[:, None] & e_ok[None, :])
+    g = (w * scaling)[:, :, None]
+    off_dh = rows[:, None, None] * s_dhlt + ce[None, :, None] * R + cr[None, None, :]
+    tl.store(dhl_ptr + off_dh, (ds * g).to(dhl_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + off, (h * g).to(s_ptr.dtype.element_ty), mask=m)
+    cs = tl.arange(0, RS_PAD)
+    m_s = r_ok[:, None] & (cs < RS)[None, :]
+    ds_s = tl.load(ds_ptr + rows[:, None] * rt + ER + cs[None, :], mask=m_s, other=0.0).to(ACC)
+    h_s = tl.load(h_ptr + rows[:, None] * rt + ER + cs[None, :], mask=m_s, other=0.0).to(ACC)
+    tl.store(dhl_ptr + rows[:, None] * s_dhlt + ER + cs[None, :], (ds_s * scaling).to(dhl_ptr.dtype.element_ty),
+             mask=m_s)
+    tl.store(s_ptr + rows[:, None] * rt + ER + cs[None, :], (h_s * scaling).to(s_ptr.dtype.element_ty), mask=m_s)
     # d_logits in the compute dtype beside dh: [dh | dl] [lora_a; Wr] is then one GEMM for dX.
-    tl.store(dhl_ptr + rows[:, None] * s_dhlt + RT + cols_e[None, :], dl.to(dhl_ptr.dtype.element_ty),
+    tl.store(dhl_ptr + rows[:, None] * s_dhlt + rt + ce[None, :], dl.to(dhl_ptr.dtype.element_ty),
              mask=r_ok[:, None] & e_ok[None, :])
-    s = (h.to(s_ptr.dtype.element_ty).to(ACC) * g).to(s_ptr.dtype.element_ty)
-    tl.store(s_ptr + rows[:, None] * RT + cols_r[None, :], s, mask=rt_mask)
 
 
 @triton.jit
-def _wgrad_x(dh_ptr, dl_ptr, x_ptr, xd_ptr, da_ptr, drw_ptr, T, DIN, RT, E, s_dht, s_xt, s_xdt, T_PER_SPLIT,
-             HAS_DROP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-             BLOCK_D: tl.constexpr, RT_PAD: tl.constexpr, E_PAD: tl.constexpr):
-    # Program (d block, split): partial sums over its token range into fp32 partials [SPLIT, RT|E, DIN].
+def _router_wgrad(dl_ptr, x_ptr, out_ptr, T, DIN, E, s_xt, T_PER_SPLIT, PREC: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+    # Program (d block, split): dl^T x over its token range into fp32 partials [SPLIT, E, DIN].
     pid_d, split = tl.program_id(0), tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < DIN
-    cols_r = tl.arange(0, RT_PAD)
-    cols_e = tl.arange(0, E_PAD)
-    acc_a = tl.zeros((RT_PAD, BLOCK_D), dtype=ACC)
-    acc_r = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
+    ce = tl.arange(0, E_PAD)
+    acc = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
     t_start = split * T_PER_SPLIT
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
         x = tl.load(x_ptr + t[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        if HAS_DROP:
-            xd = tl.load(xd_ptr + t[:, None] * s_xdt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            xd = x
-        dh = tl.load(dh_ptr + t[None, :] * s_dht + cols_r[:, None], mask=t_ok[None, :] & (cols_r < RT)[:, None],
-                     other=0.0)
-        acc_a = mma(dh.to(xd.dtype), xd, acc_a, IEEE, UPCAST)
-        dl = tl.load(dl_ptr + t[None, :] * E + cols_e[:, None], mask=t_ok[None, :] & (cols_e < E)[:, None],
-                     other=0.0)
-        acc_r = tl.dot(dl, x.to(ACC), acc_r, input_precision="ieee")
-    base_a = da_ptr + split * RT * DIN
-    tl.store(base_a + cols_r[:, None] * DIN + d[None, :], acc_a, mask=(cols_r < RT)[:, None] & d_ok[None, :])
-    base_r = drw_ptr + split * E * DIN
-    tl.store(base_r + cols_e[:, None] * DIN + d[None, :], acc_r, mask=(cols_e < E)[:, None] & d_ok[None, :])
+        dl = tl.load(dl_ptr + t[None, :] * E + ce[:, None], mask=t_ok[None, :] & (ce < E)[:, None], other=0.0)
+        acc = tl.dot(dl.to(ACC), x.to(ACC), acc, input_precision=PREC)
+    tl.store(out_ptr + split * E * DIN + ce[:, None] * DIN + d[None, :], acc, mask=(ce < E)[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def molora_fwd(x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling):
     """x [T, Din]; xd [T, Din] | None (dropped adapter input); weight [Dout, Din]; bias [Dout] | None;
     router_weight [E, Din]; router_bias [E] | None; lora_a [Rt, Din]; lora_b [Dout, Rt] (all but the router in
     x's dtype) -> (y [T, Dout], h [T, Rt], probs [T, E] fp32, indices [T, K] int64)."""
     t, din = x.shape
     e, rt = router_weight.shape[0], lora_a.shape[0]
-    h = torch.empty(t, rt, dtype=x.dtype, device=x.device)
+    er = e * expert_rank
+    h = torch.mm(x if xd is None else xd, lora_a.t())                      # [T, Rt]
     s = torch.empty_like(h)
     probs = torch.empty(t, e, dtype=router_dtype(x.dtype), device=x.device)
     indices = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
     if t > 0:
-        xd_ = x if xd is None else xd
-        _shrink_route_fwd[(triton.cdiv(t, BLOCK_T),)](
-            x, xd_, lora_a, router_weight, router_bias if router_bias is not None else router_weight, h, s, probs,
-            indices, t, din, rt, e, e * expert_rank, x.stride(0), xd_.stride(0), lora_a.stride(0),
-            router_weight.stride(0), scaling, R=expert_rank, K=top_k, HAS_RB=router_bias is not None,
-            HAS_DROP=xd is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, **dot_flags(x.dtype),
-            RT_PAD=_pad(rt), E_PAD=_pad(e))
+        _router_fwd[(triton.cdiv(t, BLOCK_T),)](
+            x, router_weight, router_bias if router_bias is not None else router_weight, h, s, probs, indices,
+            t, din, e, er, rt - er, x.stride(0), router_weight.stride(0), scaling, R=expert_rank, K=top_k,
+            HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_T=BLOCK_T,
+            BLOCK_D=BLOCK_D, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, s, lora_b, bias)
     else:
@@ -216,6 +220,7 @@ def molora_bwd(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora
     d_lora_b [Dout, Rt]); d lora_a/lora_b in the compute dtype."""
     t, din = x.shape
     e, rt, k = router_weight.shape[0], lora_a.shape[0], indices.shape[1]
+    er = e * expert_rank
     dev, dt = x.device, x.dtype
     ds = dy @ lora_b                                                         # [T, Rt]
     dhl = torch.empty(t, rt + e, dtype=dt, device=dev)                      # [dh | d_logits]
@@ -223,11 +228,12 @@ def molora_bwd(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora
     dl = torch.empty(t, e, dtype=router_dtype(dt), device=dev)
     if t > 0:
         _gate_route_bwd[(triton.cdiv(t, BLOCK_T),)](
-            ds, h, probs, indices, dhl, s, dl, t, rt, e, e * expert_rank, ds.stride(0), dhl.stride(0), scaling,
-            R=expert_rank, K=k, ACC=dot_flags(dt)["ACC"], BLOCK_T=BLOCK_T, RT_PAD=_pad(rt), E_PAD=_pad(e))
+            ds, h, probs, indices, dhl, s, dl, t, e, er, rt - er, dhl.stride(0), scaling, R=expert_rank, K=k,
+            ACC=_acc(dt), BLOCK_T=BLOCK_T, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
     d_lb = dy.t() @ s                                                        # [Dout, Rt]
     dh = dhl[:, :rt]
-    d_a, d_rw = _weight_grads(dh, dl, x, xd)
+    d_a = dh.t() @ (x if xd is None else xd)                                 # [Rt, Din]
+    d_rw = _router_wgrad_launch(dl, x)
     a_ext = torch.cat([lora_a, router_weight.to(dt)])                       # [Rt + E, Din], small
     if xd is None:
         if use_fused_gemm(dev):
@@ -241,26 +247,22 @@ def molora_bwd(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora
     return dx, dxd, d_rw, dl.sum(0), d_a, d_lb
 
 
-def _weight_grads(dh, dl, x, xd):
-    """(d lora_a [Rt, Din] in x's dtype, d router_weight [E, Din] fp32) in one pass over x."""
+def _router_wgrad_launch(dl, x):
+    """d router_weight [E, Din] = dl^T x in the router dtype, from one pass over x."""
     t, din = x.shape
-    rt, e = dh.shape[1], dl.shape[1]
+    e = dl.shape[1]
     if t == 0:
-        return x.new_zeros(rt, din), torch.zeros(e, din, dtype=router_dtype(x.dtype), device=x.device)
+        return torch.zeros(e, din, dtype=dl.dtype, device=x.device)
     n_d = triton.cdiv(din, WGRAD_BLOCK_D)
     sms = 4 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
-    # Enough splits over T to fill the machine twice over; each split covers whole BLOCK_T tiles.
-    n_split = max(1, min(triton.cdiv(t, 4 * BLOCK_T), triton.cdiv(2 * sms, n_d)))
-    per = triton.cdiv(triton.cdiv(t, n_split), BLOCK_T) * BLOCK_T
+    # Enough splits over T to fill the machine twice over; each split covers whole token tiles.
+    n_split = max(1, min(triton.cdiv(t, 4 * WGRAD_BLOCK_T), triton.cdiv(2 * sms, n_d)))
+    per = triton.cdiv(triton.cdiv(t, n_split), WGRAD_BLOCK_T) * WGRAD_BLOCK_T
     n_split = triton.cdiv(t, per)
-    acc = router_dtype(x.dtype)
-    da = torch.empty(n_split, rt, din, dtype=acc, device=x.device)
-    drw = torch.empty(n_split, e, din, dtype=acc, device=x.device)
-    xd_ = x if xd is None else xd
-    _wgrad_x[(n_d, n_split)](dh, dl, x, xd_, da, drw, t, din, rt, e, dh.stride(0), x.stride(0), xd_.stride(0), per,
-                             HAS_DROP=xd is not None, BLOCK_T=BLOCK_T, BLOCK_D=WGRAD_BLOCK_D, **dot_flags(x.dtype),
-                             RT_PAD=_pad(rt), E_PAD=_pad(e))
-    return da.sum(0).to(x.dtype), drw.sum(0)
+    part = torch.empty(n_split, e, din, dtype=dl.dtype, device=x.device)
+    _router_wgrad[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
+                                  ACC=_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=WGRAD_BLOCK_D, E_PAD=_pad(e))
+    return part.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------- custom op + autograd

@@ -1,0 +1,48 @@
+"""Where the time of one MoLoRA projection's forward+backward goes, per CUDA kernel (torch.profiler).
+
+    python benchmarks/profile_molora.py [--backend triton|torch] [--tokens 8192] [--shape gate|down]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import medcare_kernels as mk
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--shape", default="gate")
+    args = ap.parse_args()
+    din, dout = (4096, 11008) if args.shape == "gate" else (11008, 4096)
+    E, K, R, Rs, t, dt = 8, 2, 16, 32, args.tokens, torch.bfloat16
+    x = torch.randn(t, din, device="cuda", dtype=dt, requires_grad=True)
+    w = torch.randn(dout, din, device="cuda", dtype=dt) / din**0.5
+    rw = (torch.randn(E, din, device="cuda") / din**0.5).requires_grad_()
+    rb = torch.zeros(E, device="cuda", requires_grad=True)
+    a = (torch.randn(E * R + Rs, din, device="cuda", dtype=dt) / din**0.5).requires_grad_()
+    b = (torch.randn(dout, E * R + Rs, device="cuda", dtype=dt) * 0.01).requires_grad_()
+    dy = torch.randn(t, dout, device="cuda", dtype=dt)
+
+    def step():
+        with mk.use_backend(args.backend):
+            mk.molora_linear(x, w, None, rw, rb, a, b, num_experts=E, top_k=K, expert_rank=R, scaling=2.0).backward(dy)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {args.backend} {args.shape} T={t}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
