@@ -53,10 +53,12 @@ def _extensions():
         return [], {}
     use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cu)
     os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))
-    flags = {"cxx": ["-O3", "-std=c++17"]}
+    # No -std flag: torch's cpp_extension picks the standard its headers need (C++17 or C++20 by version).
+    flags = {"cxx": ["-O3"]}
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-        flags["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: the router's softmax must round like torch's expf, or top-k ties flip.
+        flags["nvcc"] = ["-O3", "-lineinfo"]
         ext = cpp_extension.CUDAExtension("medcare_kernels._C", cpp + cu, extra_compile_args=flags,
                                           define_macros=[("MEDCARE_WITH_CUDA", "1")])
         _say(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")

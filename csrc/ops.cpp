@@ -1,7 +1,6 @@
 // The schemas of every medcare C++ op, in one list: `torch.ops.medcare.<op>`.
 // Implementations register per device in their own files (TORCH_LIBRARY_IMPL(medcare, CPU|CUDA, m));
 // Python adds register_fake and register_autograd in medcare_kernels/_ext.py.
-// The route_topk and orth_penalty schemas arrive with their implementations (the extension issue).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,4 +13,13 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(medcare, m) {
+  // route_topk.cpp / route_topk.cu: fp32 softmax -> top-K (ties to the lower index) -> renormalise.
+  // stats [..., 2] = (max logit, sum of exp) per token: what the backward needs besides the logits.
+  m.def("route_topk(Tensor logits, int top_k) -> (Tensor gates, Tensor indices, Tensor stats)");
+  m.def("route_topk_backward(Tensor d_gates, Tensor logits, Tensor indices, Tensor stats) -> Tensor");
+  // orth_penalty.cpp / orth_penalty.cu: sum_i sum |A_base_i A_orth_i^T| over all pairs in one launch;
+  // signs = sign(A_base_i A_orth_i^T) packed pair after pair (all the backward keeps).
+  m.def("orth_penalty(Tensor[] a_base, Tensor[] a_orth) -> (Tensor loss, Tensor signs)");
+  m.def("orth_penalty_backward(Tensor grad, Tensor signs, Tensor[] a_base, Tensor[] a_orth, bool need_base, "
+        "bool need_orth) -> (Tensor[] d_base, Tensor[] d_orth)");
 }

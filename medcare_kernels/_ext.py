@@ -1,18 +1,35 @@
-"""Loads the compiled extension medcare_kernels._C (csrc/), if it was built, and records why not otherwise.
+"""Loads the compiled extension medcare_kernels._C (csrc/), if it was built, records why not otherwise, and
+wires its ops into the `ext` backend.
 
-Importing _C runs its TORCH_LIBRARY registrars, which define the `torch.ops.medcare.*` schemas and their
-CPU/CUDA implementations. The Python side of each C++ op (register_fake, register_autograd and the `ext`
-backend registration) lives here, next to the loading, once the op exists in csrc/.
+Importing _C runs its TORCH_LIBRARY registrars, which define the `torch.ops.medcare.*` schemas (csrc/ops.cpp)
+and their CPU and CUDA implementations. This module adds the Python side of each op, in the pattern of
+pytorch/extension-cpp: `register_fake` (shapes for torch.compile / meta tensors) and `register_autograd`.
+
+    route_topk(logits, K) -> (gates, indices, stats)      backward: route_topk_backward(d_gates, logits, indices,
+                                                                     stats), stats = per-token (max, sum of exp)
+    orth_penalty(a_base, a_orth) -> (loss, signs)         backward: orth_penalty_backward(grad, signs, ...), one
+                                                                     launch writing every gradient on CUDA
+
+Limits of the CUDA kernels: E <= 64 experts, top_k <= 8, adapter ranks <= 64 (the CPU implementations have
+none). Beyond them `auto` runs the torch backend and an explicit `ext` raises BackendUnavailableError.
+float64 runs natively (fp64 accumulation); pairs of mixed dtypes are cast to one accumulation dtype first
+(gradients still reach each parameter in its own dtype through the cast).
 """
 
 from __future__ import annotations
 
 import importlib
 
+import torch
+
 from . import _backend
+from .ops import orth_penalty_torch, routing_torch
 
 HAS_EXT = False
 LOAD_ERROR: str | None = None
+# The CUDA kernels' limits (csrc/common.h: kMaxExperts, kMaxTopK, kMaxOrthRank).
+MAX_EXPERTS, MAX_TOP_K, MAX_ORTH_RANK = 64, 8, 64
+_OPS = ("route_topk", "route_topk_backward", "orth_penalty", "orth_penalty_backward")
 
 try:
     _C = importlib.import_module("medcare_kernels._C")
@@ -22,7 +39,116 @@ except ImportError as exc:  # the pure-Python install: not an error, but say why
     LOAD_ERROR = (f"the compiled extension medcare_kernels._C is not built ({exc}); "
                   f"rebuild with `pip install --no-build-isolation -e .` and check its `medcare:` build line")
 
+if HAS_EXT and not all(hasattr(torch.ops.medcare, op) for op in _OPS):
+    HAS_EXT = False
+    LOAD_ERROR = ("medcare_kernels._C is built from older sources and lacks some of the ops "
+                  f"{', '.join(_OPS)}; rebuild with `pip install --no-build-isolation -e .`")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    """Output shapes and dtypes without running anything (torch.compile, meta and fake tensors)."""
+
+    @torch.library.register_fake("medcare::route_topk")
+    def _route_topk_fake(logits, top_k):
+        acc, lead = _acc_dtype(logits.dtype), logits.shape[:-1]
+        return (logits.new_empty(logits.shape, dtype=acc), logits.new_empty((*lead, top_k), dtype=torch.int64),
+                logits.new_empty((*lead, 2), dtype=acc))
+
+    @torch.library.register_fake("medcare::route_topk_backward")
+    def _route_topk_backward_fake(d_gates, logits, indices, stats):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("medcare::orth_penalty")
+    def _orth_penalty_fake(a_base, a_orth):
+        acc = _acc_dtype(a_base[0].dtype)
+        n_signs = sum(a.shape[0] * b.shape[0] for a, b in zip(a_base, a_orth, strict=True))
+        return a_base[0].new_empty((), dtype=acc), a_base[0].new_empty((n_signs,), dtype=acc)
+
+    @torch.library.register_fake("medcare::orth_penalty_backward")
+    def _orth_penalty_backward_fake(grad, signs, a_base, a_orth, need_base, need_orth):
+        d_base = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in a_base] if need_base else []
+        d_orth = [torch.empty_like(b, memory_format=torch.contiguous_format) for b in a_orth] if need_orth else []
+        return d_base, d_orth
+
+
+def _route_topk_setup(ctx, inputs, output):
+    logits, _ = inputs
+    _, indices, stats = output
+    ctx.save_for_backward(logits, indices, stats)
+    ctx.mark_non_differentiable(indices, stats)
+
+
+def _route_topk_backward(ctx, d_gates, _d_indices, _d_stats):
+    logits, indices, stats = ctx.saved_tensors
+    if d_gates is None:
+        return None, None
+    d_gates = d_gates.to(stats.dtype).contiguous()
+    return torch.ops.medcare.route_topk_backward(d_gates, logits, indices, stats), None
+
+
+def _orth_penalty_setup(ctx, inputs, output):
+    a_base, a_orth = inputs
+    _, signs = output
+    ctx.n_pairs = len(a_base)
+    ctx.save_for_backward(*a_base, *a_orth, signs)  # the parameters themselves and r1 x r2 signs per pair
+    ctx.mark_non_differentiable(signs)
+
+
+def _orth_penalty_backward(ctx, grad, _d_signs):
+    n, saved = ctx.n_pairs, ctx.saved_tensors
+    need_base, need_orth = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
+    if grad is None or not (need_base or need_orth):
+        return [None] * n, [None] * n
+    d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], list(saved[:n]), list(saved[n:2 * n]),
+                                                             need_base, need_orth)
+    # List inputs take lists of gradients, None where a tensor needs none.
+    return ([g if want else None for g, want in zip(d_base, ctx.needs_input_grad[0], strict=True)] if need_base
+            else [None] * n,
+            [g if want else None for g, want in zip(d_orth, ctx.needs_input_grad[1], strict=True)] if need_orth
+            else [None] * n)
+
+
+def _beyond_kernel_limits(op: str, why: str):
+    """Under `auto` the torch backend takes over; an explicit `ext` request says why it cannot."""
+    if _backend.current_backend() == "ext":
+        raise _backend.BackendUnavailableError(f"medcare_kernels backend 'ext' cannot run {op} on CUDA: {why}; "
+                                               f"use 'auto' or 'torch'")
+
+
+def route_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ext backend's route_topk: torch.ops.medcare.route_topk, its stats output kept for backward only."""
+    if logits.is_cuda and (logits.shape[-1] > MAX_EXPERTS or top_k > MAX_TOP_K):
+        _beyond_kernel_limits("route_topk", f"E = {logits.shape[-1]} (max {MAX_EXPERTS}), top_k = {top_k} "
+                                            f"(max {MAX_TOP_K})")
+        return routing_torch.route_topk(logits, top_k)
+    gates, indices, _ = torch.ops.medcare.route_topk(logits, top_k)
+    return gates, indices
+
+
+def orth_penalty(a_base: list[torch.Tensor], a_orth: list[torch.Tensor]) -> torch.Tensor:
+    """The ext backend's orth_penalty: every pair in one op call (one launch each way on CUDA)."""
+    first = a_base[0].dtype
+    if any(t.dtype != first for t in a_base) or any(t.dtype != first for t in a_orth):
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in (*a_base, *a_orth)) else torch.float32
+        a_base, a_orth = [t.to(acc) for t in a_base], [t.to(acc) for t in a_orth]
+    if a_base[0].is_cuda:
+        rank = max(max(t.shape[0] for t in a_base), max(t.shape[0] for t in a_orth))
+        if rank > MAX_ORTH_RANK:
+            _beyond_kernel_limits("orth_penalty", f"rank {rank} > {MAX_ORTH_RANK}")
+            return orth_penalty_torch.orth_penalty(a_base, a_orth)
+    return torch.ops.medcare.orth_penalty(a_base, a_orth)[0]
+
+
 if HAS_EXT:
-    _backend.mark_unavailable("ext", "medcare_kernels._C is built but registers no ops in this version")
+    _register_fakes()
+    torch.library.register_autograd("medcare::route_topk", _route_topk_backward, setup_context=_route_topk_setup)
+    torch.library.register_autograd("medcare::orth_penalty", _orth_penalty_backward,
+                                    setup_context=_orth_penalty_setup)
+    _backend.register("ext", "route_topk", route_topk)
+    _backend.register("ext", "orth_penalty", orth_penalty)
 else:
     _backend.mark_unavailable("ext", LOAD_ERROR)
