@@ -230,8 +230,8 @@ def interleaved(calls: dict[str, Timed], device: torch.device, *, warmup: int, r
                 if not is_oom(exc):
                     raise
                 failed[name] = f"out of memory: {str(exc).splitlines()[0][:160]}"
-                del exc
-                free(device)
+            if name in failed:
+                free(device)  # outside the except block: the traceback's frames (and their tensors) are gone
                 continue
             if i >= warmup:
                 times[name].append(t)
@@ -552,7 +552,7 @@ def plot(records: list[Record], path: str, title: str) -> bool:
 
 
 def _short(shape: dict) -> str:
-    keep = [k for k in ("model", "T", "Din", "Dout", "pairs", "R", "E") if k in shape]
+    keep = [k for k in ("model", "T", "Din", "Dout", "hidden", "inter", "pairs", "R") if k in shape]
     return " ".join(f"{k}={shape[k]}" for k in keep[:3])
 
 
