@@ -114,9 +114,10 @@ def test_non_finite_adapters_are_never_saved(tmp_path):
 def test_fp32_router_under_bf16_autocast(env):
     """bf16 overflow in routing cannot happen: router parameters are fp32 and the gates come out fp32
     even when the model computes in bf16."""
+    from pipeline_testing import stage1_config
+
     from medcare.inject import adapter_modules, apply_stage1
     from medcare.layers import MoLoRALinear
-    from pipeline_testing import stage1_config
 
     model = tiny_model("qwen2", 477).to(torch.bfloat16)
     apply_stage1(model, stage1_config(adapter_dtype="auto"))

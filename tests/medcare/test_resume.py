@@ -105,7 +105,7 @@ def assert_same_adapters(got_dir, want_dir, moved_from=None):
     if moved_from is not None:  # the resumed part changed the weights: the comparison is not vacuous
         assert max(float((want[k] - moved_from[k]).abs().max()) for k in want) > 1e-4
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def checkpoints(path) -> list[str]:
