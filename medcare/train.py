@@ -163,6 +163,9 @@ def parse_stage_args(stage: int, argv: list[str]):
         cfg.validate()
     except ConfigError as exc:
         problems += exc.problems
+    if stage == 2 and cfg.freeze_knowledge and targs.fsdp and int((targs.fsdp_config or {}).get("version", 2)) == 1:
+        problems.append("--freeze_knowledge does not work with FSDP1 (its flattened parameters bypass the gradient "
+                        "mask); use FSDP2 (fsdp_config version 2) or DDP")
     if stage == 2 and cfg.freeze_knowledge and targs.weight_decay > 0:
         problems.append("--freeze_knowledge with --weight_decay > 0 would still decay the frozen knowledge LoRA; "
                         "use --weight_decay 0")

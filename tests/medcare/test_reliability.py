@@ -223,3 +223,15 @@ def test_an_unreadable_model_directory_is_one_line(env, tmp_path, capfd):
     line = last_line(capfd)
     assert line.startswith("medcare: error:") and "broken-model" in line, line
     assert not out.exists()
+
+
+def test_frozen_knowledge_under_fsdp1_is_refused(env, tmp_path, capfd):
+    stage1 = tmp_path / "stage1"
+    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", stage1, *STAGE1, *FAST,
+                "--save_strategy", "no", "--max_steps", "1"]) == 0
+    out = tmp_path / "out"
+    assert run(["stage2", "--model", env["base"], "--stage1", stage1, "--data", env["data"], "--output", out, *FAST,
+                "--freeze_knowledge", "true", "--fsdp", "full_shard", "--fsdp_config", '{"version": 1}']) == 2
+    line = last_line(capfd)
+    assert "FSDP1" in line and "--freeze_knowledge" in line, line
+    assert not out.exists()
