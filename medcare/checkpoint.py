@@ -9,7 +9,11 @@ A stage directory holds
                             stage 2 also carries stage 1's attention LoRA, which export merges
     medcare_adapter.json    stage, base model (path and architecture fingerprint), configs, scalings,
                             library version, and the sha256 of adapter.safetensors (verified on load)
-Both files are written atomically (temporary name, fsync, rename): a crash never leaves a torn directory.
+Both files are written atomically (temporary name, fsync, rename): a crash never leaves a torn directory,
+and tensors that are not finite are never written. Training checkpoints (checkpoint-N) are built under a
+temporary name and renamed into place whole (`publish_checkpoint`), so a kill during a save leaves the
+previous checkpoint as the newest one. Under FSDP2 the adapter parameters are DTensors: reading gathers them,
+loading scatters the full tensors back to each rank's shard (every rank must call both).
 """
 
 from __future__ import annotations
@@ -93,16 +97,56 @@ def model_fingerprint(config) -> dict:
     return fp
 
 
+def fsync_tree(path: str) -> None:
+    """fsync every file and directory under `path` (then `path` itself): its content is on disk before a
+    rename makes it visible."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def publish_checkpoint(staging: str, final: str) -> None:
+    """Move a completely written checkpoint directory into place: fsync its files, rename it over `final`
+    (an older directory of that name, e.g. from an overwritten run, is removed first), fsync the parent."""
+    fsync_tree(staging)
+    if os.path.lexists(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
 # ------------------------------------------------------------------------------------- adapter tensors
+# Wrappers (FSDP1, activation checkpointing, torch.compile) insert these segments into module names.
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def clean_name(name: str) -> str:
+    """A module name with wrapper segments removed: the stable key that checkpoints use."""
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded DTensor (FSDP2) is gathered (a collective: every rank calls it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
 def adapter_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every adapter tensor of the model under its stable key (contiguous CPU copies). With `state_dict`
     (a gathered full state dict, as FSDP / ZeRO-3 saving provides) the values come from it instead of the
     possibly sharded module parameters."""
     out: dict[str, torch.Tensor] = {}
+
     def get(name: str, module: nn.Module, attr: str) -> torch.Tensor:
-        return state_dict[f"{name}.{attr}"] if state_dict else getattr(module, attr)
+        return state_dict[f"{name}.{attr}"] if state_dict else _full(getattr(module, attr).detach())
 
     for name, module in adapter_modules(model):
+        name = clean_name(name)
         a, b = get(name, module, "lora_a"), get(name, module, "lora_b")
         if isinstance(module, MoLoRALinear):
             er = module.num_experts * module.expert_rank
@@ -128,29 +172,57 @@ def _copy(dst: torch.Tensor, tensors: dict[str, torch.Tensor], key: str, used: s
     used.add(key)
 
 
+class _Writable:
+    """The parameter itself, or for a sharded DTensor (FSDP2) a gathered full copy that is scattered back
+    into this rank's shard on exit; either way the caller writes whole-tensor slices."""
+
+    def __init__(self, param: torch.Tensor):
+        self.param = param
+
+    def __enter__(self) -> torch.Tensor:
+        self.full = self.param.full_tensor() if _is_dtensor(self.param) else self.param
+        return self.full
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and _is_dtensor(self.param):
+            from torch.distributed.tensor import distribute_tensor
+
+            shard = distribute_tensor(self.full, self.param.device_mesh, self.param.placements)
+            self.param.to_local().copy_(shard.to_local())
+
+
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], roles: tuple[str, ...] | None = None
                        ) -> set[str]:
-    """Copy adapter tensors into the model's adapters (optionally only some roles); returns the keys used."""
+    """Copy adapter tensors into the model's adapters (optionally only some roles); returns the keys used.
+    Sharded (FSDP2) parameters are written shard by shard: every rank must call this."""
     used: set[str] = set()
     for name, module in adapter_modules(model):
+        name = clean_name(name)
         if isinstance(module, MoLoRALinear):
             er = module.num_experts * module.expert_rank
-            _copy(module.router_weight, tensors, f"{name}.router.weight", used)
-            _copy(module.router_bias, tensors, f"{name}.router.bias", used)
-            _copy(module.lora_a[:er], tensors, f"{name}.experts.lora_a", used)
-            _copy(module.lora_b[:, :er], tensors, f"{name}.experts.lora_b", used)
-            if module.shared_rank:
-                a, b = module.shared()
-                _copy(a, tensors, f"{name}.shared.lora_a", used)
-                _copy(b, tensors, f"{name}.shared.lora_b", used)
+            with _Writable(module.router_weight) as rw, _Writable(module.router_bias) as rb, \
+                    _Writable(module.lora_a) as a, _Writable(module.lora_b) as b:
+                _copy(rw, tensors, f"{name}.router.weight", used)
+                _copy(rb, tensors, f"{name}.router.bias", used)
+                _copy(a[:er], tensors, f"{name}.experts.lora_a", used)
+                _copy(b[:, :er], tensors, f"{name}.experts.lora_b", used)
+                if module.shared_rank:
+                    _copy(a[er:], tensors, f"{name}.shared.lora_a", used)
+                    _copy(b[:, er:], tensors, f"{name}.shared.lora_b", used)
             continue
-        for role in module.adapter_ranks:
-            if roles is None or role in roles:
-                a, b = module.adapter(role)
-                _copy(a, tensors, f"{name}.{role}.lora_a", used)
-                _copy(b, tensors, f"{name}.{role}.lora_b", used)
+        with _Writable(module.lora_a) as a, _Writable(module.lora_b) as b:
+            for role in module.adapter_ranks:
+                if roles is None or role in roles:
+                    sl = module.adapter_slice(role)
+                    _copy(a[sl], tensors, f"{name}.{role}.lora_a", used)
+                    _copy(b[:, sl], tensors, f"{name}.{role}.lora_b", used)
     return used
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 # ------------------------------------------------------------------------------------ stage directories
@@ -170,7 +242,13 @@ class StageDir:
 
 
 def save_stage(output_dir: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
-    """Write a stage directory: adapter.safetensors, then the manifest that vouches for it."""
+    """Write a stage directory: adapter.safetensors, then the manifest that vouches for it. Tensors holding
+    NaN or infinity are refused (CheckpointError) before anything is written: a diverged run never
+    replaces a good adapter."""
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"refusing to save {output_dir}: {len(bad)} adapter tensors hold NaN or infinity "
+                              f"(first: {bad[0]}); the training diverged")
     os.makedirs(output_dir, exist_ok=True)
     tensor_path = os.path.join(output_dir, ADAPTER_FILE)
     atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

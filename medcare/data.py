@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT", "IGNORE_INDEX", "MASK_MODES", "DataCollator", "DataError", "DataProblem",
-    "LoadResult", "SupervisedDataset", "check_files", "default_max_length", "encode_conversation",
+    "EpochSampler", "LoadResult", "SupervisedDataset", "check_files", "default_max_length", "encode_conversation",
     "length_grouped_indices", "length_grouped_sampler", "load_records", "main", "summarize",
 ]
 
@@ -620,6 +620,7 @@ class SupervisedDataset(Dataset):
     Attributes:
         lengths: Token count of each item.
         dropped: Records dropped because truncation left no assistant token (one warning says how many).
+        dropped_indices: Their positions in ``records`` (so a caller can name their file and line).
         max_length: The truncation length used.
 
     Raises:
@@ -634,6 +635,7 @@ class SupervisedDataset(Dataset):
         self._ids, self._labels, self._offsets = array("i"), array("i"), array("q", [0])
         self.lengths: list[int] = []
         self.dropped = 0
+        self.dropped_indices: list[int] = []
         for k, messages in enumerate(tqdm(records, desc="medcare: tokenizing", unit="record",
                                           disable=len(records) <= _TQDM_THRESHOLD)):
             try:
@@ -642,6 +644,7 @@ class SupervisedDataset(Dataset):
                 raise ValueError(f"record {k + 1}: {e}") from e
             if example is None:
                 self.dropped += 1
+                self.dropped_indices.append(k)
                 continue
             self._ids.extend(example["input_ids"])
             self._labels.extend(example["labels"])
@@ -717,6 +720,37 @@ def length_grouped_indices(lengths: Sequence[int], batch_size: int,
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     return get_length_grouped_indices(list(lengths), batch_size, generator=generator)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled (optionally length-grouped) order that is a pure function of (seed, epoch).
+
+    The HF samplers draw from the global RNG, whose state at the start of an epoch depends on everything
+    that ran before (dropout, the previous epoch): a run resumed in a later epoch would then see another
+    order. Here the order of epoch e is fixed by ``seed + e``, so a resumed run, every process of a
+    distributed run, and an uninterrupted run agree. The trainer calls ``set_epoch`` at each epoch start.
+
+    Args:
+        lengths: Token count of every item (``SupervisedDataset.lengths``).
+        group_size: Group items of similar length into runs of this many (the global batch: per-device batch
+            x processes x accumulation, so every process gets similar lengths); None: a plain shuffle.
+        seed: Base seed.
+    """
+
+    def __init__(self, lengths: Sequence[int], group_size: int | None, seed: int) -> None:
+        self.lengths, self.group_size, self.seed, self.epoch = list(lengths), group_size, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.group_size:
+            return iter(length_grouped_indices(self.lengths, self.group_size, generator=generator))
+        return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
 
 
 def length_grouped_sampler(dataset: SupervisedDataset, batch_size: int,

@@ -16,6 +16,12 @@ and 3 in stage 2, bf16 where the GPU supports it.
 
 `--stage1` also accepts the original implementation's stage-1 output (non_lora_trainables.bin + the PEFT
 attention adapter); it is converted in memory.
+
+Reliability: checkpoints (checkpoint-N) are built under a temporary name and renamed into place, so a kill
+during a save leaves the previous one intact; `--resume_from_checkpoint last` continues a killed run exactly
+(adapters, optimizer, scheduler, RNG and data order: the sampler's order is a function of seed and epoch);
+a NaN or infinite loss or gradient stops training before the optimizer applies it (exit status 1, naming the
+step), and non-finite adapters are never written. Under torchrun on CPU the gloo backend is selected.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ from .losses import OrthPenaltyCollector, orth_loss, orth_pairs
 
 class UserError(Exception):
     """A mistake in the command line, files or directories: reported as one line, exit status 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or weight: training stopped before applying or saving it (exit status 1)."""
+
+
+STAGING_PREFIX = ".partial-"  # checkpoint-N is written as .partial-checkpoint-N/checkpoint-N, then renamed
 
 
 @dataclass
@@ -62,7 +75,11 @@ class RunArguments:
 # ------------------------------------------------------------------------------------------ arguments
 def _recipe_defaults(stage: int) -> dict:
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return dict(learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
+    # Under torchrun without CUDA, accelerate only sets up gloo DDP when told to use the CPU; otherwise every
+    # process would train alone on all the data and all would write the same output.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return dict(use_cpu=multi_cpu, ddp_find_unused_parameters=False,  # every adapter parameter gets a gradient
+                learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
                 num_train_epochs=1.0 if stage == 1 else 3.0, per_device_train_batch_size=4,
                 gradient_accumulation_steps=8, logging_steps=10, save_steps=500, save_total_limit=2,
                 report_to="none", remove_unused_columns=False, bf16=bf16, seed=42,
@@ -146,14 +163,27 @@ def parse_stage_args(stage: int, argv: list[str]):
         cfg.validate()
     except ConfigError as exc:
         problems += exc.problems
+    if stage == 2 and cfg.freeze_knowledge and targs.fsdp and int((targs.fsdp_config or {}).get("version", 2)) == 1:
+        problems.append("--freeze_knowledge does not work with FSDP1 (its flattened parameters bypass the gradient "
+                        "mask); use FSDP2 (fsdp_config version 2) or DDP")
     if stage == 2 and cfg.freeze_knowledge and targs.weight_decay > 0:
         problems.append("--freeze_knowledge with --weight_decay > 0 would still decay the frozen knowledge LoRA; "
                         "use --weight_decay 0")
     problems += _output_problems(run, targs)
+    problems += _launch_problems(targs)
     if problems:
         raise UserError("; ".join(problems))
     _check_backend()
     return run, cfg, targs
+
+
+def _launch_problems(targs) -> list[str]:
+    """A multi-process launch that would not train as one job (each process alone) is refused."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and targs.world_size != world:
+        return [f"launched as {world} processes but the Trainer set up {targs.world_size} (pass --use_cpu true "
+                f"on a machine without GPUs, or check the launcher's environment)"]
+    return []
 
 
 def _output_problems(run: RunArguments, targs) -> list[str]:
@@ -224,18 +254,31 @@ def load_config(path: str):
         raise UserError(f"{path}: cannot load the model config ({str(exc).splitlines()[0]})") from None
 
 
-def load_model_and_tokenizer(path: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
 
     check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path}: cannot load the model or tokenizer ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+
+
+def load_model_and_tokenizer(path: str, dtype: torch.dtype):
+    return load_model(path, dtype), load_tokenizer(path)
 
 
 def check_targets(config, names: list[str]) -> None:
@@ -271,15 +314,36 @@ def check_data(run: RunArguments) -> data_mod.LoadResult:
 
 
 def build_dataset(run: RunArguments, loaded: data_mod.LoadResult, tokenizer):
-    if loaded.problems:
-        print(f"medcare: skipped {loaded.skipped} bad records of {loaded.total}", file=sys.stderr)
+    """Tokenise (before the model is loaded). A record that truncation leaves without a supervised token is
+    a bad record like any other: an error under --on_bad_records fail, skipped and counted under skip."""
+    import warnings
+
     try:
-        dataset = data_mod.SupervisedDataset(loaded.records, tokenizer, run.model_max_length, mask=run.label_mask)
+        with warnings.catch_warnings():  # the drop is reported below, as an error or in the skip count
+            warnings.simplefilter("ignore")
+            dataset = data_mod.SupervisedDataset(loaded.records, tokenizer, run.model_max_length,
+                                                 mask=run.label_mask)
     except ValueError as exc:  # e.g. truncation left no supervised token in any record, or a bad chat template
         raise UserError(str(exc).splitlines()[0]) from None
+    truncated = [loaded.origins[i] for i in dataset.dropped_indices] if loaded.origins else []
+    if truncated and run.on_bad_records == "fail":
+        where = "; ".join(f"{path}:{loc}" for path, loc in truncated[:3])
+        more = f" (and {len(truncated) - 3} more)" if len(truncated) > 3 else ""
+        raise UserError(f"{where}{more}: no assistant token left after truncation to {dataset.max_length} tokens; "
+                        f"raise --model_max_length or pass --on_bad_records skip")
+    skipped = loaded.skipped + dataset.dropped
+    if skipped:
+        _say(f"medcare: skipped {skipped} bad records of {loaded.total} ({loaded.skipped} invalid, "
+             f"{dataset.dropped} truncated away)", err=True)
     if len(dataset) == 0:
         raise UserError(f"no trainable records in {', '.join(run.data)} (every record was dropped)")
     return dataset
+
+
+def _say(message: str, err: bool = False) -> None:
+    """Print once per job: on the main process only under torchrun / accelerate."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr if err else sys.stdout)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -303,6 +367,11 @@ def _trainer_class():
             self._orth_start_logged = False
             self._orth_in_forward = self.is_fsdp_enabled or (
                 self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+            self._staging: str | None = None  # set while a checkpoint is written under its temporary name
+            self._bad_loss: float | None = None  # the first non-finite micro-batch loss of this step
+            self.epoch_sampler = None
+            for callback in _callbacks(self):
+                self.add_callback(callback)
 
         def _orth_weight(self, num_items_in_batch) -> float:
             scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.19 only
@@ -339,6 +408,7 @@ def _trainer_class():
                     logs["orth_loss_start"], self._orth_start_logged = round(self._orth_start, 4), True
             super().log(logs, start_time)
 
+        # ------------------------------------------------------------------ saving and loading
         def _save(self, output_dir=None, state_dict=None):
             if not self.args.should_save:
                 return
@@ -346,14 +416,159 @@ def _trainer_class():
                 raise RuntimeError("DeepSpeed ZeRO-3 gave no gathered weights to save: set "
                                    "stage3_gather_16bit_weights_on_model_save to true in the DeepSpeed config")
             model = self.accelerator.unwrap_model(self.model)
-            tensors = {**ckpt.adapter_state(model, state_dict), **self.extra_tensors}
-            ckpt.save_stage(output_dir or self.args.output_dir, tensors, self.stage_meta)
+            self._write_stage(output_dir, ckpt.adapter_state(model, state_dict))
+
+        def _write_stage(self, output_dir, tensors) -> None:
+            try:
+                ckpt.save_stage(output_dir or self.args.output_dir, {**tensors, **self.extra_tensors},
+                                self.stage_meta)
+            except ckpt.CheckpointError as exc:  # non-finite adapters: the guard below missed a divergence
+                raise TrainingDiverged(f"at step {self.state.global_step}: {exc}; "
+                                       f"{_last_good(self.args.output_dir)}") from None
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # With a sharded FSDP state dict the HF Trainer writes only its shards and never calls _save:
+            # gather the adapters (a collective, every rank) and write the stage directory as well.
+            if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+                    self.accelerator.state.fsdp_plugin.state_dict_type):
+                tensors = self._gather_adapters()
+                if self.args.should_save:
+                    self._write_stage(output_dir, tensors)
+            super().save_model(output_dir, _internal_call)
+
+        def _fsdp1(self):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return isinstance(self.model_wrapped, FullyShardedDataParallel)
+
+        def _gather_adapters(self) -> dict:
+            model = self.accelerator.unwrap_model(self.model)
+            if self._fsdp1():
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=False):
+                    return ckpt.adapter_state(model)
+            return ckpt.adapter_state(model)  # FSDP2: DTensor parameters are gathered one by one
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             stage = ckpt.read_stage(resume_from_checkpoint, expect_stage=self.stage_meta["stage"])
+            if self.is_fsdp_enabled and self._fsdp1():
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=True):
+                    ckpt.load_adapter_state(self.accelerator.unwrap_model(self.model), stage.tensors)
+                return
             ckpt.load_adapter_state(self.accelerator.unwrap_model(model or self.model), stage.tensors)
 
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            """checkpoint-N is written whole under a temporary name, fsynced, then renamed into place: a kill
+            during the save leaves the previous checkpoint as the newest one (and --resume ... last finds it)."""
+            run_dir = super()._get_output_dir(trial)
+            name = f"checkpoint-{self.state.global_step}"
+            self._staging = os.path.join(run_dir, STAGING_PREFIX + name)
+            os.makedirs(os.path.join(self._staging, name), exist_ok=True)
+            try:
+                super()._save_checkpoint(model, trial)  # its rotation sees only the staging directory
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # every rank's files (RNG state, shards) are written
+            if self.args.should_save:
+                staging = os.path.join(run_dir, STAGING_PREFIX + name)
+                ckpt.publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name))
+                os.rmdir(staging)
+                self._rotate(run_dir)
+            self.accelerator.wait_for_everyone()
+
+        def _rotate(self, run_dir: str) -> None:
+            try:
+                from transformers.trainer_utils import rotate_checkpoints
+            except ImportError:  # older transformers: a Trainer method
+                self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+                return
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+
+        # --------------------------------------------------------------------------- data order
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            strategy = getattr(self.args, "train_sampling_strategy", "random")
+            if strategy not in ("group_by_length", "random") or not hasattr(dataset, "lengths"):
+                return super()._get_train_sampler(train_dataset)
+            group = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                     * self.args.world_size) if strategy == "group_by_length" else None
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self.epoch_sampler = data_mod.EpochSampler(dataset.lengths, group, seed)
+            return self.epoch_sampler
+
+        # ------------------------------------------------------------------------ numerical guard
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+                self._bad_loss = float(loss.detach().float().sum())
+            return loss
+
+        def check_finite(self) -> None:
+            """Before each optimizer step: stop (on every rank) if a micro-batch loss or a gradient is not
+            finite. With fp16 loss scaling inf gradients are expected: the scaler skips that step itself."""
+            bad_grads: list[str] = []
+            if getattr(self.accelerator, "scaler", None) is None:
+                params = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+                local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for _, p in params]
+                if local and not bool(torch.stack([torch.isfinite(g).all() for g in local]).all()):
+                    bad_grads = [ckpt.clean_name(n) for (n, _), g in zip(params, local, strict=True)
+                                 if not bool(torch.isfinite(g).all())]
+            flags = torch.tensor([self._bad_loss is not None, bool(bad_grads)], dtype=torch.float32,
+                                 device=self.args.device)
+            if self.args.world_size > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            loss, self._bad_loss = self._bad_loss, None
+            if flags.any():
+                step = self.state.global_step + 1
+                what = (f"the loss is {loss}" if loss is not None else "the loss is not finite on another process"
+                        ) if flags[0] else (f"the gradient of {bad_grads[0]} is not finite" if bad_grads
+                                            else "a gradient is not finite on another process")
+                raise TrainingDiverged(f"training stopped at step {step}: {what}; the update was not applied and "
+                                       f"nothing was saved; {_last_good(self.args.output_dir)} (lower the learning "
+                                       f"rate, or check the data, then resume)")
+
     return MedCareTrainer
+
+
+def _last_good(output_dir: str) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was saved before"
+
+
+def _callbacks(trainer) -> list:
+    """Per-step hooks the trainer needs: the numerical guard before each optimizer step, and the epoch of
+    the data order at each epoch start (also after a resume, where accelerate may not forward set_epoch)."""
+    from transformers import TrainerCallback
+
+    class ReliabilityCallback(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            sampler = getattr(trainer, "epoch_sampler", None)
+            if sampler is not None:
+                sampler.set_epoch(int(state.epoch or 0))
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            trainer.check_finite()
+
+    return [ReliabilityCallback()]
+
+
+def _remove_partial_checkpoints(output_dir: str) -> None:
+    """Staging directories of saves that a kill interrupted: never complete, never resumed from."""
+    import shutil
+
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith(STAGING_PREFIX + "checkpoint-"):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0, extra_tensors=None) -> list[dict]:
@@ -368,12 +583,21 @@ def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0,
     trainer = _trainer_class()(model=model, args=targs, train_dataset=dataset,
                                data_collator=data_mod.DataCollator(tokenizer), processing_class=tokenizer,
                                stage_meta=meta, orth_lambda=orth_lambda, extra_tensors=extra_tensors)
+    if targs.should_save:
+        _remove_partial_checkpoints(targs.output_dir)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model(targs.output_dir)
     return trainer.state.log_history
 
 
 # -------------------------------------------------------------------------------------------- stages
+def _seed(targs) -> None:
+    """Seed before the adapters are created, so their initial values depend on --seed only."""
+    from transformers import set_seed
+
+    set_seed(targs.seed)
+
+
 @dataclass
 class StageResult:
     output: str
@@ -387,14 +611,16 @@ def run_stage1(argv: list[str]) -> StageResult:
     run, cfg, targs = parse_stage_args(1, argv)
     check_targets(load_config(run.model), cfg.attn_targets + cfg.mlp_targets)
     loaded = check_data(run)
-    model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
+    tokenizer = load_tokenizer(run.model)
+    dataset = build_dataset(run, loaded, tokenizer)  # every data problem is found before the weights load
+    model = load_model(run.model, _dtype(run.model_dtype))
+    _seed(targs)
     report = apply_stage1(model, cfg)
-    print(f"medcare: stage 1 on {run.model}: {report}")
-    dataset = build_dataset(run, loaded, tokenizer)
+    _say(f"medcare: stage 1 on {run.model}: {report}")
     meta = {"stage": 1, "stage1": cfg.to_dict(),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
     history = _fit(model, tokenizer, dataset, targs, meta)
-    print(f"medcare: stage 1 saved to {targs.output_dir}")
+    _say(f"medcare: stage 1 saved to {targs.output_dir}")
     return StageResult(targs.output_dir, history)
 
 
@@ -405,16 +631,18 @@ def run_stage2(argv: list[str]) -> StageResult:
     ckpt.check_base_matches(stage1, config)  # before loading any weights
     check_targets(config, cfg.targets or stage1.stage1.mlp_targets)
     loaded = check_data(run)
-    model, tokenizer = load_model_and_tokenizer(run.model, _dtype(run.model_dtype))
-    attention, report = ckpt.transition(model, stage1, cfg)
-    print(f"medcare: stage 2 on {run.model} from {run.stage1}: {report}; "
-          f"{len(orth_pairs(model)[0])} projections under the orthogonality penalty")
+    tokenizer = load_tokenizer(run.model)
     dataset = build_dataset(run, loaded, tokenizer)
+    model = load_model(run.model, _dtype(run.model_dtype))
+    _seed(targs)  # the fresh alignment A is drawn here: the same on every process and every run
+    attention, report = ckpt.transition(model, stage1, cfg)
+    _say(f"medcare: stage 2 on {run.model} from {run.stage1}: {report}; "
+         f"{len(orth_pairs(model)[0])} projections under the orthogonality penalty")
     meta = {"stage": 2, "stage1": stage1.stage1.to_dict(), "stage2": cfg.to_dict(),
             "stage1_dir": os.path.abspath(run.stage1),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
     history = _fit(model, tokenizer, dataset, targs, meta, orth_lambda=cfg.orth_lambda, extra_tensors=attention)
-    print(f"medcare: stage 2 saved to {targs.output_dir}")
+    _say(f"medcare: stage 2 saved to {targs.output_dir}")
     return StageResult(targs.output_dir, history)
 
 
@@ -473,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ckpt.CheckpointError, ConfigError, data_mod.DataError, InjectionError) as exc:
         print(f"medcare: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"medcare: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
