@@ -108,7 +108,7 @@ class TokenMask:
 
 
 def load_balance_loss(logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """E * sum_e f_e P_e over the tokens with mask 1 (all when mask is None), an fp32 scalar.
+    """E * sum_e f_e P_e over the tokens with mask 1 (all when mask is None), an fp32 (fp64 for fp64 logits) scalar.
 
     Args:
         logits: router logits [T, E] (differentiable: the gradient reaches the router through P).
@@ -116,12 +116,14 @@ def load_balance_loss(logits: torch.Tensor, indices: torch.Tensor, mask: torch.T
         mask: [T], 1 for tokens that count, 0 for padding.
     """
     num_experts, top_k = logits.shape[-1], indices.shape[-1]
-    probs = torch.softmax(logits.float(), dim=-1)
-    m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.to(probs.device, torch.float32)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(logits.to(dtype), dim=-1)
+    kw = dict(device=probs.device, dtype=dtype)
+    m = torch.ones(probs.shape[0], **kw) if mask is None else mask.to(**kw)
     n = m.sum().clamp_min(1.0)
     mean_prob = (probs * m[:, None]).sum(0) / n                                          # P_e
-    slots = torch.zeros(num_experts, device=probs.device).index_add_(
-        0, indices.reshape(-1), m.repeat_interleave(top_k))
+    slots = torch.zeros(num_experts, **kw).index_add_(0, indices.reshape(-1).to(probs.device),
+                                                      m.repeat_interleave(top_k))
     share = slots / (n * top_k)                                                         # f_e
     return num_experts * (share * mean_prob).sum()
 
