@@ -246,9 +246,11 @@ def _busiest(report: dict, layer: str) -> str:
 
 def write_plot(report: dict, path: str) -> str | None:
     """Heatmaps as PNG: top row, per projection, the co-activation matrix summed over layers, as the share of
-    tokens that used both experts (diagonal: the expert alone); bottom row, per projection, each layer's expert
-    load (share of routed slots). Returns the path, or None with a one-line warning when matplotlib is missing."""
+    tokens that used both experts (the diagonal, one expert's load, is greyed out); bottom row, per projection,
+    each layer's expert load (share of routed slots). Returns the path, or None with a one-line warning when
+    matplotlib is missing."""
     try:
+        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -264,8 +266,10 @@ def write_plot(report: dict, path: str) -> str | None:
         mods = [m for m in report["modules"].values() if m["projection"] == proj]
         tokens = sum(m["tokens"] for m in mods) or 1
         co = torch.tensor([m["pairs"] for m in mods], dtype=torch.float64).sum(0) / tokens
-        im = axes[0][col].imshow(co.numpy(), cmap="viridis", vmin=0.0)
-        axes[0][col].set_title(f"{proj}: co-activation")
+        co.fill_diagonal_(float("nan"))  # the diagonal is the load (bottom row); it would swamp the pair colours
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
+        im = axes[0][col].imshow(co.numpy(), cmap=cmap, vmin=0.0)
+        axes[0][col].set_title(f"{proj}: experts chosen together")
         _ticks(axes[0][col], e, e)
         fig.colorbar(im, ax=axes[0][col], shrink=0.8, label="share of tokens")
         by_layer = {m["layer"]: m["load"] for m in mods}
