@@ -50,7 +50,7 @@ ZH_INSTRUCTION = "请在回答的最后用以下格式回答：答案为{answer}
 PREFIX = {"en": "The answer is", "zh": "答案为"}
 SENTENCE_END = {"en": ".", "zh": "。"}
 _OPTION_LINE = re.compile(r"^\s*[(（]?([A-Z])\s*(?:[)）.．、:：]|\s)", re.M)
-_MARKERS = re.compile(r"答案[为是][:：]?|the\s+answer\s+is\s*:?", re.I)
+_MARKERS = re.compile(r"答案[为是][:：]?|the[ \t]+answer[ \t]+is[ \t]*:?", re.I)
 
 
 class EvalError(ValueError):
@@ -201,11 +201,15 @@ def extract_answer(text: str, letters: str) -> str | None:
         return None
     span = text[marks[-1].end():].split("\n", 1)[0]
     found: list[str] = []
+    last = ""  # the previous letter token
     for tok in re.findall(r"[A-Za-z]+|[\u4e00-\u9fff]|\S", span):
         if tok.isascii() and tok.isalpha():
             if tok.isupper() and set(tok) <= set(letters) and len(set(tok)) == len(tok):
                 found += list(tok)
+                last = tok
             elif found and tok.lower() not in ("and", "or"):
+                if len(last) > 1 and last == "".join(found[-len(last):]):  # "ACE inhibitors": a word, not letters
+                    del found[-len(last):]
                 break
         elif tok in "。.;；!?！？" and found:
             break
@@ -362,15 +366,16 @@ def _line(name: str, n: int, correct: int) -> str:
 
 
 def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_size: int = 8,
-             max_new_tokens: int = 512, progress: bool = True) -> EvalResult:
-    """Score `items` with `model` (in eval mode, on its own device); see the module docstring for the modes."""
+             max_new_tokens: int = 512, progress: bool = True, answer_size: int | None = None) -> EvalResult:
+    """Score `items` with `model` (in eval mode, on its own device); see the module docstring for the modes.
+    `answer_size`: the largest letter set loglik scoring considers (default: the largest answer in `items`)."""
     if mode not in ("loglik", "generate"):
         raise EvalError(f"--mode must be loglik or generate, got {mode!r}")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
     t0, device = time.time(), next(model.parameters()).device
     model.eval()
-    max_size = max(len(i.answer) for i in items)
+    max_size = answer_size or max(len(i.answer) for i in items)
     space = "option letters" if max_size == 1 else f"letter sets of up to {max_size} options (multi-answer data)"
     prompts = [render_prompt(tokenizer, i.messages) for i in items]
     responses: list[str | None] = [None] * len(items)
