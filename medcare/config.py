@@ -53,6 +53,10 @@ class Stage1Config:
     mlp_targets: list[str] = field(default_factory=lambda: list(MLP_TARGETS), metadata={"help": "MLP projections"})
     adapter_dtype: str = field(default="float32", metadata={"help": "dtype of adapter and router parameters "
                                                                     "(float32 as the paper; auto = the model's)"})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "weight of the load-balancing loss "
+                                                                       "E * sum_e f_e P_e (0 = off, the paper)"})
+    expert_usage: bool = field(default=True, metadata={"help": "count expert usage during training; write "
+                                                               "expert_usage.json + .png into the output"})
 
     @property
     def attn_scaling(self) -> float:
@@ -74,6 +78,9 @@ class Stage1Config:
             problems.append(f"num_experts and top_k must be ints, got {self.num_experts!r}, {self.top_k!r}")
         if not self.mlp_targets:
             problems.append("mlp_targets is empty; stage 1 needs at least one MLP projection")
+        coef = self.router_aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+            problems.append(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
         if problems:
             raise ConfigError(problems)
         return self

@@ -11,9 +11,12 @@ medcare_kernels. The base layer stays frozen and untouched until merge().
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 import medcare_kernels as mk
 
@@ -170,7 +173,18 @@ class MoLoRALinear(_MergeMixin, nn.Module):
         self.router_bias = nn.Parameter(torch.empty(num_experts, **rkw))
         self.lora_a = nn.Parameter(torch.empty(total, d_in, **kw))
         self.lora_b = nn.Parameter(torch.zeros(d_out, total, **kw))
+        self._routing_hooks: OrderedDict[int, Callable] = OrderedDict()
         self.reset_parameters()
+
+    def register_routing_hook(self, hook: Callable[[MoLoRALinear, torch.Tensor, torch.Tensor], None]
+                              ) -> RemovableHandle:
+        """Call hook(module, x, indices) after every forward: x the input [..., Din], indices [..., K] int64 the
+        experts each token was routed to, exactly as the kernel used them. Expert-usage counters and the
+        load-balancing loss read the routing decision here instead of recomputing the router. Returns a handle
+        whose remove() unregisters the hook (torch's hook convention)."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
 
     def reset_parameters(self) -> None:
         """Router as nn.Linear's default; every A kaiming-uniform(a=sqrt(5)); every B = 0."""
@@ -208,9 +222,13 @@ class MoLoRALinear(_MergeMixin, nn.Module):
         a, b = self.lora_a, self.lora_b
         if self.merged:  # the shared LoRA lives in the base weight now; route over the experts only
             a, b = a[: self.num_experts * self.expert_rank], b[:, : self.num_experts * self.expert_rank]
-        return mk.molora_linear(x, self.base_layer.weight, self.base_layer.bias, self.router_weight, self.router_bias,
-                                a, b, num_experts=self.num_experts, top_k=self.top_k, expert_rank=self.expert_rank,
-                                scaling=self.scaling, dropout=self.dropout if self.training else 0.0)
+        y, indices = mk.molora_linear(x, self.base_layer.weight, self.base_layer.bias, self.router_weight,
+                                      self.router_bias, a, b, num_experts=self.num_experts, top_k=self.top_k,
+                                      expert_rank=self.expert_rank, scaling=self.scaling,
+                                      dropout=self.dropout if self.training else 0.0, return_indices=True)
+        for hook in list(self._routing_hooks.values()):
+            hook(self, x, indices)
+        return y
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, expert_rank={self.expert_rank}, "

@@ -38,7 +38,8 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from .config import ConfigError, Stage1Config, Stage2Config
 from .inject import InjectionError, apply_stage1
-from .losses import OrthPenaltyCollector, orth_loss, orth_pairs
+from .losses import LoadBalanceCollector, OrthPenaltyCollector, orth_loss, orth_pairs
+from .usage import usage_callback
 
 
 class UserError(Exception):
@@ -358,8 +359,10 @@ def _trainer_class():
         lambda * grad(L_orth), whatever gradient_accumulation_steps is.
         """
 
-        def __init__(self, *args, stage_meta: dict, orth_lambda: float = 0.0, extra_tensors=None, **kw):
+        def __init__(self, *args, stage_meta: dict, orth_lambda: float = 0.0, extra_tensors=None, routing=None,
+                     **kw):
             super().__init__(*args, **kw)
+            self.routing = routing  # stage 1: medcare.usage's callback (expert usage, load-balancing loss)
             self.stage_meta, self.orth_lambda = stage_meta, orth_lambda
             self.extra_tensors = extra_tensors or {}
             self._orth_sum, self._orth_n = 0.0, 0
@@ -373,15 +376,25 @@ def _trainer_class():
             for callback in _callbacks(self):
                 self.add_callback(callback)
 
-        def _orth_weight(self, num_items_in_batch) -> float:
+        def _orth_weight(self, num_items_in_batch, coef: float | None = None) -> float:
             scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.19 only
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                     self.compute_loss_func is not None)
             ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-            return self.orth_lambda / ga if scaled else self.orth_lambda
+            coef = self.orth_lambda if coef is None else coef
+            return coef / ga if scaled else coef
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.routing is not None and self.routing.coef and model.training:
+                with LoadBalanceCollector(model) as balance:  # stage 1's optional load-balancing term
+                    out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                aux = balance.total()
+                if aux is None:
+                    return out
+                self.routing.record_aux(aux.detach())
+                extra = self._orth_weight(num_items_in_batch, self.routing.coef) * aux
+                return (out[0] + extra, *out[1:]) if return_outputs else out + extra
             if not self.orth_lambda or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self._orth_in_forward:
@@ -401,6 +414,8 @@ def _trainer_class():
             return (out[0] + extra, *out[1:]) if return_outputs else out + extra
 
         def log(self, logs, start_time=None):
+            if self.routing is not None and "loss" in logs:
+                logs.update(self.routing.log_values())
             if self._orth_n and "loss" in logs:
                 logs["orth_loss"] = round(float(self._orth_sum) / self._orth_n, 4)
                 self._orth_sum, self._orth_n = 0.0, 0
@@ -571,7 +586,8 @@ def _remove_partial_checkpoints(output_dir: str) -> None:
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0, extra_tensors=None) -> list[dict]:
+def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0, extra_tensors=None,
+         routing=None) -> list[dict]:
     """Train with the HF Trainer, save the stage directory to targs.output_dir; return the log history."""
     # transformers >= 5.2x calls it activation_checkpointing; older releases gradient_checkpointing.
     if getattr(targs, "activation_checkpointing", False) or targs.gradient_checkpointing:
@@ -582,7 +598,8 @@ def _fit(model, tokenizer, dataset, targs, meta: dict, orth_lambda: float = 0.0,
     model.config.use_cache = False
     trainer = _trainer_class()(model=model, args=targs, train_dataset=dataset,
                                data_collator=data_mod.DataCollator(tokenizer), processing_class=tokenizer,
-                               stage_meta=meta, orth_lambda=orth_lambda, extra_tensors=extra_tensors)
+                               stage_meta=meta, orth_lambda=orth_lambda, extra_tensors=extra_tensors,
+                               routing=routing, callbacks=[routing] if routing is not None else None)
     if targs.should_save:
         _remove_partial_checkpoints(targs.output_dir)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
@@ -619,7 +636,9 @@ def run_stage1(argv: list[str]) -> StageResult:
     _say(f"medcare: stage 1 on {run.model}: {report}")
     meta = {"stage": 1, "stage1": cfg.to_dict(),
             "base_model": {"path": os.path.abspath(run.model), "fingerprint": ckpt.model_fingerprint(model.config)}}
-    history = _fit(model, tokenizer, dataset, targs, meta)
+    routing = usage_callback(model, cfg.router_aux_loss_coef, count=cfg.expert_usage) \
+        if cfg.expert_usage or cfg.router_aux_loss_coef else None
+    history = _fit(model, tokenizer, dataset, targs, meta, routing=routing)
     _say(f"medcare: stage 1 saved to {targs.output_dir}")
     return StageResult(targs.output_dir, history)
 

@@ -7,7 +7,9 @@ It copies the bundled medical data (medcare/demo/*.jsonl, English and Chinese: s
 multiple-choice questions with alignment tasks, stage 2 has alignment tasks only) to <output>/data, saves a
 randomly initialised tiny Qwen2 model with the real Qwen2 tokenizer as a normal Hugging Face checkpoint in
 <output>/base, runs stage 1, stage 2 and export with exactly the commands it prints, checks that the
-exported plain checkpoint computes what the stage-2 adapters compute, and prints a summary.
+exported plain checkpoint computes what the stage-2 adapters compute, evaluates the base model and the export
+on the bundled held-out multiple-choice questions (medcare.eval), and prints a summary with both accuracies
+and the expert usage stage 1 counted.
 """
 
 from __future__ import annotations
@@ -80,37 +82,30 @@ def _run(argv: list[str]):
     return COMMANDS[argv[0]](argv[1:])
 
 
-@torch.no_grad()
-def expert_load(base: str, stage1: str, data_path: str, max_records: int = 64) -> torch.Tensor:
-    """Share of routed slots each expert received, over every MoLoRA projection, on the stage-1 data:
-    a forward pass of the stage-1 model with hooks that recompute each projection's top-k routing."""
+def expert_load(stage1: str) -> torch.Tensor:
+    """Share of routed slots each expert received during stage-1 training, over every MoLoRA projection:
+    the counts stage 1 wrote to <stage1>/expert_usage.json (see medcare.usage)."""
+    from ..usage import read_report
+
+    report = read_report(stage1)
+    counts = torch.tensor([m["counts"] for m in report["modules"].values()], dtype=torch.float64).sum(0)
+    return counts / counts.sum().clamp_min(1)
+
+
+def evaluate_models(models: dict[str, str], eval_path: str) -> dict[str, float]:
+    """Multiple-choice accuracy (loglik scoring) of each named model directory on the held-out questions;
+    the key "questions" holds how many there are."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import medcare_kernels as mk
+    from .. import eval as ev
 
-    from .. import checkpoint as ckpt
-    from ..data import SupervisedDataset, load_records
-    from ..inject import adapter_modules, apply_stage1
-    from ..layers import MoLoRALinear
-
-    stage = ckpt.read_stage(stage1, expect_stage=1)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    apply_stage1(model, stage.stage1)
-    ckpt.load_adapter_state(model, stage.tensors)
-    counts = torch.zeros(stage.stage1.num_experts)
-
-    def hook(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        _, idx = mk.route_topk(torch.nn.functional.linear(x, module.router_weight, module.router_bias), module.top_k)
-        counts.add_(torch.bincount(idx.flatten(), minlength=module.num_experts).float())
-
-    for _, m in adapter_modules(model, MoLoRALinear):
-        m.register_forward_pre_hook(hook)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    dataset = SupervisedDataset(load_records([data_path]).records[:max_records], tokenizer)
-    for i in range(len(dataset)):
-        model(torch.tensor([dataset[i]["input_ids"]]))
-    return counts / counts.sum()
+    items = ev.load_items([eval_path])
+    accuracy = {"questions": len(items)}
+    for name, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        result = ev.evaluate(model, AutoTokenizer.from_pretrained(path), items, "loglik", batch_size=16)
+        accuracy[name] = result.accuracy
+    return accuracy
 
 
 @torch.no_grad()
@@ -155,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                 ["stage2", "--model", base, "--stage1", s1, "--data", data[1], "--output", s2, *flags],
                 ["export", "--stage2", s2, "--output", ex]]
     r1, r2, _ = (_run(c) for c in commands)
-    load = expert_load(base, s1, data[0])
+    load = expert_load(s1)
     from ..data import load_records
 
     err = verify_export(base, s2, ex, load_records([data[1]]).records[0])
-    print(summary(r1, r2, load, err, (s1, s2, ex), commands, time.time() - t0))
+    print(f"\n$ python -m medcare.eval --model {shlex.quote(base)} --data {shlex.quote(data[2])}   "
+          f"# and the same for --model {shlex.quote(ex)}", flush=True)
+    accuracy = evaluate_models({"base": base, "export": ex}, data[2])
+    print(summary(r1, r2, load, err, accuracy, (s1, s2, ex), commands, time.time() - t0))
     return 0
 
 
@@ -167,15 +165,23 @@ def _span(values: list[float]) -> str:
     return f"{values[0]:.3f} -> {values[-1]:.3f}" if values else "not logged"
 
 
-def summary(r1, r2, load: torch.Tensor, err: float, paths, commands, seconds: float) -> str:
+def summary(r1, r2, load: torch.Tensor, err: float, accuracy: dict[str, float], paths, commands,
+            seconds: float) -> str:
     s1, s2, ex = paths
     orth = r2.logged("orth_loss_start")[:1] + r2.logged("orth_loss")[-1:]
     experts = " ".join(f"e{i} {100 * v:.0f}%" for i, v in enumerate(load.tolist()))
     lines = [f"\nmedcare demo: done in {seconds:.0f} s",
              f"  stage 1  loss {_span(r1.logged('loss'))}                  {s1}",
-             f"           expert load (share of routed slots, all MoLoRA projections): {experts}",
+             f"           expert load (share of routed slots, all MoLoRA projections, counted in training): "
+             f"{experts}   (python -m medcare.inspect {shlex.quote(s1)})",
              f"  stage 2  loss (CE + lambda * orth) {_span(r2.logged('loss'))}, orth penalty {_span(orth)}   {s2}",
              f"  export   plain HF checkpoint, max |logit diff| vs stage-2 adapters {err:.1e}   {ex}",
+             f"  eval     held-out multiple choice ({accuracy['questions']} questions, EN/ZH): "
+             f"base {100 * accuracy['base']:.1f}% -> export {100 * accuracy['export']:.1f}%",
              "Redo each step by hand:"]
     lines += [f"  python -m medcare.train {shlex.join(c)}" for c in commands]
+    root = os.path.dirname(ex)
+    eval_data = shlex.quote(os.path.join(root, "data", "eval.jsonl"))
+    lines += [f"  python -m medcare.eval --model {shlex.quote(m)} --data {eval_data}"
+              for m in (os.path.join(root, "base"), ex)]
     return "\n".join(lines)

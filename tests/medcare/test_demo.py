@@ -25,6 +25,13 @@ def test_demo_runs_end_to_end_and_its_export_loads(tmp_path, capsys):
         assert f"python -m medcare.train {cmd} " in printed.split("Redo each step by hand:")[1]
     diff = float(printed.split("max |logit diff| vs stage-2 adapters ")[1].split()[0])
     assert diff < 1e-4
+    # The demo ends with base vs export accuracy on the bundled held-out questions, and the expert load that
+    # stage 1 counted (the report and heatmap are in the stage-1 directory).
+    line = next(x for x in printed.splitlines() if x.strip().startswith("eval "))
+    assert "(60 questions, EN/ZH): base " in line and "% -> export " in line and line.endswith("%")
+    assert (out / "stage1/expert_usage.json").is_file() and (out / "stage1/expert_usage.png").is_file()
+    assert "counted in training): e0 " in printed
+    assert "python -m medcare.eval --model " in printed.split("Redo each step by hand:")[1]
     # The export is a plain checkpoint: it loads and generates without medcare being importable.
     code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
             f"m = AutoModelForCausalLM.from_pretrained({str(out / 'export')!r}); "

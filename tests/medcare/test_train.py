@@ -123,7 +123,7 @@ def test_stage1_stage2_export_end_to_end(env, tmp_path, captured_logs, capfd):
                 *FAST]) == 0
     stage1_logs = step_losses(captured_logs)
     captured_logs.clear()
-    assert sorted(os.listdir(s1)) == [ADAPTER_FILE, MANIFEST_FILE]
+    assert sorted(os.listdir(s1)) == [ADAPTER_FILE, "expert_usage.json", "expert_usage.png", MANIFEST_FILE]
     stage1 = read_stage(str(s1), expect_stage=1)
     assert stage1.stage1.num_experts == 4 and stage1.stage1.shared_rank == 8
     assert all(torch.count_nonzero(v) > 0 for k, v in stage1.tensors.items() if k.endswith("lora_b"))

@@ -1,0 +1,543 @@
+"""Medical multiple-choice accuracy of a model: did training make it better at medicine?
+
+    python -m medcare.eval --model DIR --data FILE [FILE ...] [--stage-dir DIR] [--output report.json]
+                           [--mode loglik|generate] [--limit N] [--batch-size N] [--device auto|cpu|cuda]
+
+--model is a Hugging Face model directory: an exported MedCare model, any base model, or, with --stage-dir,
+the base model a stage directory is applied to (its adapters stay unmerged modules; a stage-1 directory is
+evaluated without its routed experts, as the paper deploys it, unless --experts keep).
+
+Records (JSON or JSON Lines), two formats:
+  * plain: {"question": str, "options": [str, ...] | {"A": str, ...}, "answer": "B" | "AC" | ["A", "C"],
+    "task": optional, "type": optional}; any number of options, one or several correct letters.
+  * the original MedCare test files: {"conversations": [{"from": "human", "value": question with its
+    lettered options}, ...], "eval": {"answer": "AC", "type": ..., "task_dataset": ...}} (or "messages").
+The prompt is the training chat format (the tokenizer's chat template, else ChatML) with the paper's answer
+instruction ("Please format the final answer ... The answer is {answer}." / "请在回答的最后用以下格式回答：
+答案为{answer}。"), added unless the question already has it.
+
+Scoring modes:
+  * loglik (default): after the prompt and the answer prefix ("The answer is" / "答案为"), the candidate
+    answer with the highest log-likelihood wins; no generation, one forward per batch. Candidates are the
+    option letters; when the data has multi-answer items, every letter set up to the largest answer size,
+    each followed by the sentence end, scored as a whole.
+  * generate: greedy generation, then the paper's extraction ("The answer is X" / "答案为X", the last one);
+    when nothing matches, a second pass appends the answer prefix to the response and picks the most
+    likely candidate (the paper's forced-letter pass).
+An item is correct when the predicted letter set equals the answer set exactly. The report gives accuracy
+overall, per task and per type, and every item's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+
+EN_INSTRUCTION = "Please format the final answer at the end of the response as: The answer is {answer}."
+ZH_INSTRUCTION = "请在回答的最后用以下格式回答：答案为{answer}。"
+PREFIX = {"en": "The answer is", "zh": "答案为"}
+SENTENCE_END = {"en": ".", "zh": "。"}
+_OPTION_LINE = re.compile(r"^\s*[(（]?([A-Z])\s*(?:[)）.．、:：]|\s)", re.M)
+_MARKERS = re.compile(r"答案[为是][:：]?|the[ \t]+answer[ \t]+is[ \t]*:?", re.I)
+
+
+class EvalError(ValueError):
+    """Unusable evaluation data, model or arguments: reported as one line, exit status 2."""
+
+
+def is_chinese(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def mcq_prompt(question: str, options: dict[str, str], lang: str) -> str:
+    """The user turn of a plain record: the question, its lettered options, the paper's answer instruction."""
+    lines = [question, *(f"{letter}. {text}" for letter, text in options.items())]
+    return "\n".join([*lines, ZH_INSTRUCTION if lang == "zh" else EN_INSTRUCTION])
+
+
+# ------------------------------------------------------------------------------------------------ items
+@dataclass
+class Item:
+    """One multiple-choice question, ready to prompt."""
+
+    id: str
+    task: str
+    type: str
+    messages: list[dict[str, str]]   # system (optional) + user turn
+    letters: str                     # the option letters, in order: "ABCD"
+    answer: str                      # the correct letters, sorted: "B", "AC"
+    lang: str                        # "en" | "zh": the answer prefix and sentence end
+
+
+def _letters(value, where: str) -> str:
+    """'AC' from "AC", "A, C", "A、C" or ["A", "C"]; EvalError when it is anything else."""
+    text = "".join(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+    if not isinstance(text, str):
+        raise EvalError(f"{where}: answer must be letters (\"B\", \"AC\" or [\"A\", \"C\"]), got {value!r}")
+    letters = re.sub(r"[\s,，、;；/&和]+", "", text).upper()
+    if not letters or not re.fullmatch(r"[A-Z]+", letters) or len(set(letters)) != len(letters):
+        raise EvalError(f"{where}: answer must be distinct option letters, got {value!r}")
+    return "".join(sorted(letters))
+
+
+def _plain_item(r: dict, where: str, stem: str) -> Item:
+    question, options = r.get("question"), r.get("options")
+    if not isinstance(question, str) or not question.strip():
+        raise EvalError(f"{where}: 'question' must be a non-empty string")
+    if isinstance(options, list) and options and all(isinstance(o, str) for o in options) and len(options) <= 26:
+        options = dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", options, strict=False))
+    elif isinstance(options, dict) and options and all(
+            isinstance(k, str) and re.fullmatch(r"[A-Za-z]", k) and isinstance(v, str) for k, v in options.items()):
+        options = {k.upper(): v for k, v in options.items()}
+    else:
+        raise EvalError(f"{where}: 'options' must be a non-empty list of strings or a dict letter -> string")
+    answer = _letters(r.get("answer"), where)
+    if set(answer) - set(options):
+        raise EvalError(f"{where}: answer {answer!r} is not among the options {''.join(options)}")
+    lang = "zh" if is_chinese(question) else "en"
+    messages = [{"role": "user", "content": mcq_prompt(question, options, lang)}]
+    return Item(str(r.get("id", where)), str(r.get("task") or stem), str(r.get("type") or "-"), messages,
+                "".join(options), answer, lang)
+
+
+def _turns(r: dict) -> list[dict[str, str]] | None:
+    for key, (speaker, text, roles) in data_mod._FORMATS.items():
+        if isinstance(r.get(key), list):
+            turns = [t for t in r[key] if isinstance(t, dict)]
+            return [{"role": roles.get(t.get(speaker), "?"), "content": t.get(text)} for t in turns]
+    return None
+
+
+def _original_item(r: dict, where: str, stem: str) -> Item:
+    info, turns = r["eval"], _turns(r) or []
+    system = [t for t in turns[:1] if t["role"] == "system"]
+    user = next((t for t in turns if t["role"] == "user"), None)
+    if user is None or not isinstance(user["content"], str) or not user["content"].strip():
+        raise EvalError(f"{where}: the conversation has no human/user turn with the question")
+    if not isinstance(info, dict) or ("answer" not in info and "answer_idx" not in info):
+        raise EvalError(f"{where}: 'eval' must be an object with the answer letters under 'answer'")
+    question = user["content"]
+    answer = _letters(info.get("answer", info.get("answer_idx")), where)
+    letters = "".join(dict.fromkeys(_OPTION_LINE.findall(question)))
+    if not letters:  # the paper's rule when the options are not on lines of their own
+        letters = "ABCDE" if "E." in question or "(E)" in question else "ABCD"
+    if set(answer) - set(letters):
+        raise EvalError(f"{where}: answer {answer!r} is not among the options {letters} found in the question")
+    lang = "zh" if is_chinese(question) else "en"
+    if "答案为" not in question and "The answer is" not in question:
+        question = f"{question}\n\n{ZH_INSTRUCTION if lang == 'zh' else EN_INSTRUCTION}"
+    task = info.get("task_dataset") or info.get("task") or r.get("task") or stem
+    return Item(str(info.get("sample_id", r.get("id", where))), str(task), str(info.get("type") or "-"),
+                [*system, {"role": "user", "content": question}], letters, answer, lang)
+
+
+def to_item(r, where: str, stem: str) -> Item:
+    """An Item from either record format; EvalError naming `where` when the record is neither or is bad."""
+    if isinstance(r, dict) and "question" in r:
+        return _plain_item(r, where, stem)
+    if isinstance(r, dict) and "eval" in r and _turns(r) is not None:
+        return _original_item(r, where, stem)
+    raise EvalError(f"{where}: neither a {{question, options, answer}} record nor a conversation with an 'eval' "
+                    f"answer (the original MedCare test format)")
+
+
+def load_items(paths: Sequence[str], limit: int | None = None) -> list[Item]:
+    """Every record of every file, validated; EvalError listing the first problems when any is bad."""
+    items, problems = [], []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for raw in data_mod._parse_file(path):
+            where = f"{path}:{raw.location}" if raw.location else path
+            if raw.problem is not None:
+                problems.append(str(raw.problem))
+                continue
+            try:
+                items.append(to_item(raw.value, where, stem))
+            except EvalError as exc:
+                problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise EvalError("; ".join(problems[:3]) + more)
+    if not items:
+        raise EvalError(f"no questions in {', '.join(paths)}")
+    return items[:limit] if limit else items
+
+
+# ------------------------------------------------------------------------------------------- prompting
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The text the model sees before its reply, exactly as training formats a conversation: the tokenizer's
+    chat template with the generation prompt, else ChatML with the default system prompt (medcare.data)."""
+    if getattr(tokenizer, "chat_template", None):
+        return data_mod._render(tokenizer, messages, True)
+    pieces = data_mod._chatml_pieces(list(messages))
+    return "".join(p.text for p in pieces) + f"{data_mod.IM_START}assistant\n"
+
+
+def candidates(item: Item, max_size: int) -> list[str]:
+    """Every letter set of 1..max_size options (sorted letters): the hypotheses loglik scoring compares."""
+    return ["".join(c) for k in range(1, min(max_size, len(item.letters)) + 1)
+            for c in itertools.combinations(sorted(item.letters), k)]
+
+
+def extract_answer(text: str, letters: str) -> str | None:
+    """The paper's extraction: the letters after the last "The answer is" / "答案为" ("答案是" too), e.g.
+    "The answer is B." -> "B", "答案为A、C。" -> "AC", "The answer is (A) and (C)" -> "AC". Words before the
+    first letter are skipped ("option B"), the first other word after it ends the answer; a run of capitals
+    counts only when all of them are option letters ("ACE inhibitor" is not A, C, E). None if nothing found."""
+    marks = list(_MARKERS.finditer(text))
+    if not marks:
+        return None
+    span = text[marks[-1].end():].split("\n", 1)[0]
+    found: list[str] = []
+    last = ""  # the previous letter token
+    for tok in re.findall(r"[A-Za-z]+|[\u4e00-\u9fff]|\S", span):
+        if tok.isascii() and tok.isalpha():
+            if tok.isupper() and set(tok) <= set(letters) and len(set(tok)) == len(tok):
+                found += list(tok)
+                last = tok
+            elif found and tok.lower() not in ("and", "or"):
+                if len(last) > 1 and last == "".join(found[-len(last):]):  # "ACE inhibitors": a word, not letters
+                    del found[-len(last):]
+                break
+        elif tok in "。.;；!?！？" and found:
+            break
+        elif found and tok not in ",，、和与及()（）[]【】&/+:：" and not tok.isascii():
+            break
+    return "".join(sorted(set(found))) or None
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+@dataclass
+class _Row:
+    """One sequence of a loglik batch: score the last `n_cont` tokens (0: score candidates at the next token)."""
+
+    ids: list[int]
+    n_cont: int
+    item: int
+    cands: list[tuple[str, int]]  # (candidate, next-token id) when n_cont == 0, else [(candidate, -1)]
+
+
+def _rows(tokenizer, index: int, context: str, cands: list[str], lang: str, with_end: bool) -> list[_Row]:
+    """One row when every candidate is a single token right after the context (the usual case), else a row
+    per candidate holding context + candidate, whose tokens are summed."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx = encode(context)
+    sep = " " if lang == "en" else ""
+    fulls = {c: encode(context + sep + c + (SENTENCE_END[lang] if with_end else "")) for c in cands}
+    if not with_end and all(len(f) == len(ctx) + 1 and f[: len(ctx)] == ctx for f in fulls.values()):
+        return [_Row(ctx, 0, index, [(c, f[-1]) for c, f in fulls.items()])]
+    rows = []
+    for c, f in fulls.items():
+        n = next((i for i, (a, b) in enumerate(zip(ctx, f, strict=False)) if a != b), min(len(ctx), len(f)))
+        rows.append(_Row(f, len(f) - max(n, 1), index, [(c, -1)]))
+    return rows
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _score_rows(model, rows: list[_Row], pad_id: int, device) -> list[float | list[float]]:
+    """Log-likelihoods of one batch of rows in one forward (left-padded, so every row ends at the last
+    position and only the last few positions need logits)."""
+    ids, mask = _left_pad([r.ids for r in rows], pad_id, device)
+    keep = max(r.n_cont for r in rows) + 1
+    kw = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kw)
+    logp = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
+    scores = []
+    for i, r in enumerate(rows):
+        if r.n_cont == 0:
+            scores.append(logp[i, -1, [t for _, t in r.cands]].tolist())
+        else:
+            targets = ids[i, -r.n_cont:]
+            scores.append(float(logp[i, -r.n_cont - 1:-1].gather(-1, targets[:, None]).sum()))
+    return scores
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+def loglik_predict(model, tokenizer, items: list[Item], contexts: list[str], max_size: int, batch_size: int,
+                   device, progress: bool = True, desc: str = "loglik") -> list[dict[str, float]]:
+    """Per item, candidate -> log-likelihood after its context; rows sorted by length, `batch_size` a forward."""
+    rows = [row for i, (item, ctx) in enumerate(zip(items, contexts, strict=True))
+            for row in _rows(tokenizer, i, ctx, candidates(item, max_size), item.lang, max_size > 1)]
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
+    scores: list[dict[str, float]] = [{} for _ in items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with tqdm(total=len(rows), desc=f"medcare.eval ({desc})", unit="seq", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = [rows[j] for j in order[start:start + batch_size]]
+            for row, s in zip(batch, _score_rows(model, batch, pad_id, device), strict=True):
+                values = s if row.n_cont == 0 else [s]
+                scores[row.item].update({c: v for (c, _), v in zip(row.cands, values, strict=True)})
+            bar.update(len(batch))
+    return scores
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device,
+                       progress: bool = True) -> list[str]:
+    """Greedy completions (left-padded batches), stopping at the tokenizer's end-of-turn / end-of-text."""
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(data_mod.IM_END)) if
+             isinstance(t, int) and t != tokenizer.unk_token_id}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                              eos_token_id=sorted(stops))
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda j: len(encoded[j]))
+    out: list[str] = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc="medcare.eval (generate)", unit="q", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            ids, mask = _left_pad([encoded[j] for j in chunk], pad_id, device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for j, seq in zip(chunk, gen[:, ids.shape[1]:], strict=True):
+                out[j] = tokenizer.decode(seq, skip_special_tokens=True)
+            bar.update(len(chunk))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class EvalResult:
+    mode: str
+    answer_space: str
+    records: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r["correct"] for r in self.records) / max(len(self.records), 1)
+
+    def groups(self, key: str) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for r in self.records:
+            g = out.setdefault(r[key], {"n": 0, "correct": 0})
+            g["n"] += 1
+            g["correct"] += int(r["correct"])
+        for g in out.values():
+            g["accuracy"] = g["correct"] / g["n"]
+        return out
+
+    def report(self, **meta) -> dict:
+        return {**meta, "mode": self.mode, "answer_space": self.answer_space, "n": len(self.records),
+                "correct": sum(r["correct"] for r in self.records), "accuracy": self.accuracy,
+                "by_task": self.groups("task"), "by_type": self.groups("type"), "seconds": round(self.seconds, 2),
+                "items": self.records}
+
+    def table(self) -> str:
+        lines = [f"{'':28s}{'n':>6s}{'correct':>9s}{'accuracy':>10s}",
+                 _line("all", len(self.records), sum(r["correct"] for r in self.records))]
+        for key in ("task", "type"):
+            groups = self.groups(key)
+            lines.append(f"  by {key}")
+            lines += [_line("  " + name, g["n"], g["correct"]) for name, g in sorted(groups.items())]
+        return "\n".join(lines)
+
+
+def _line(name: str, n: int, correct: int) -> str:
+    return f"  {name[:26]:26s}{n:>6d}{correct:>9d}{100 * correct / max(n, 1):>9.1f}%"
+
+
+def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_size: int = 8,
+             max_new_tokens: int = 512, progress: bool = True, answer_size: int | None = None) -> EvalResult:
+    """Score `items` with `model` (in eval mode, on its own device); see the module docstring for the modes.
+    `answer_size`: the largest letter set loglik scoring considers (default: the largest answer in `items`)."""
+    if mode not in ("loglik", "generate"):
+        raise EvalError(f"--mode must be loglik or generate, got {mode!r}")
+    if batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
+    t0, device = time.time(), next(model.parameters()).device
+    model.eval()
+    max_size = answer_size or max(len(i.answer) for i in items)
+    space = "option letters" if max_size == 1 else f"letter sets of up to {max_size} options (multi-answer data)"
+    prompts = [render_prompt(tokenizer, i.messages) for i in items]
+    responses: list[str | None] = [None] * len(items)
+    preds: list[str | None] = [None] * len(items)
+    how = ["loglik"] * len(items)
+    if mode == "generate":
+        responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, device, progress)
+        preds = [extract_answer(r, i.letters) for r, i in zip(responses, items, strict=True)]
+        how = ["pattern" if p else "forced" for p in preds]
+    todo = [j for j, p in enumerate(preds) if p is None]
+    if todo:  # loglik mode: every item; generate mode: the forced-answer pass after the response
+        contexts = [prompts[j] + ("" if responses[j] is None else responses[j].rstrip() + "\n")
+                    + PREFIX[items[j].lang] for j in todo]
+        scores = loglik_predict(model, tokenizer, [items[j] for j in todo], contexts, max_size, batch_size, device,
+                                progress, "loglik" if mode == "loglik" else "forced answer pass")
+        for j, s in zip(todo, scores, strict=True):
+            preds[j] = max(s, key=s.get)
+    result = EvalResult(mode, space, seconds=0.0)
+    for j, item in enumerate(items):
+        rec = {"id": item.id, "task": item.task, "type": item.type, "answer": item.answer, "prediction": preds[j],
+               "correct": preds[j] == item.answer, "extracted_by": how[j]}
+        if responses[j] is not None:
+            rec["response"] = responses[j]
+        result.records.append(rec)
+    result.seconds = time.time() - t0
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ models
+def apply_stage_dir(model, stage_dir: str, experts: str = "drop") -> str:
+    """Put a stage directory's adapters on a freshly loaded base model, unmerged. Stage 1: attention LoRA +
+    MoLoRA; with experts="drop" the routed experts' B is zeroed, so the model computes the stage-1 model
+    without its noise aggregator (what stage 2 starts from and the paper deploys). Stage 2: stage 1's
+    attention LoRA merged into W (as stage 2 trained on it), knowledge + alignment LoRAs as modules.
+    Returns a one-line description."""
+    from . import checkpoint as ckpt
+    from .config import Stage2Config
+    from .inject import adapter_modules, apply_stage1, apply_stage2
+    from .layers import MoLoRALinear
+
+    stage = ckpt.load_stage1(stage_dir) if ckpt.is_official_stage1(stage_dir) else ckpt.read_stage(stage_dir)
+    ckpt.check_base_matches(stage, model.config)
+    if stage.stage == 1:
+        apply_stage1(model, stage.stage1)
+        ckpt.load_adapter_state(model, stage.tensors)
+        if experts == "drop":
+            with torch.no_grad():
+                for _, m in adapter_modules(model, MoLoRALinear):
+                    m.lora_b[:, : m.num_experts * m.expert_rank].zero_()
+        return f"stage 1 ({'shared LoRA only, routed experts dropped' if experts == 'drop' else 'routed experts kept'})"
+    s1 = stage.stage1
+    attention = {k: v for k, v in stage.tensors.items() if ".attention." in k}
+    ckpt.merge_lora_tensors(model, attention, {"attention": s1.attn_scaling})
+    apply_stage2(model, Stage2Config(**stage.meta["stage2"]), knowledge_rank=s1.shared_rank)
+    ckpt.load_adapter_state(model, stage.tensors, roles=("knowledge", "alignment"))
+    return "stage 2 (knowledge + alignment LoRAs, unmerged)"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: no CUDA device on this machine")
+    return device
+
+
+def load_model(model_dir: str, stage_dir: str | None, dtype: str, device: str, experts: str):
+    """(model in eval mode on its device, tokenizer, description)."""
+    from . import checkpoint as ckpt
+    from . import train as train_mod
+
+    dev = _device(device)
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dt = train_mod._dtype(dtype)
+    try:
+        model, tokenizer = train_mod.load_model_and_tokenizer(model_dir, dt)
+        what = "plain model"
+        if stage_dir:
+            what = apply_stage_dir(model, stage_dir, experts)
+    except (train_mod.UserError, ckpt.CheckpointError) as exc:
+        raise EvalError(str(exc)) from None
+    return model.to(dev).eval(), tokenizer, what
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m medcare.eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model directory (an export, or the base with --stage-dir)")
+    ap.add_argument("--data", required=True, nargs="+", help="multiple-choice files (JSON or JSONL)")
+    ap.add_argument("--stage-dir", default=None, help="a stage-1 or stage-2 directory to apply to --model")
+    ap.add_argument("--output", default=None, help="write the JSON report here (refused if it exists)")
+    ap.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
+    ap.add_argument("--mode", default="loglik", choices=("loglik", "generate"), help="scoring (default loglik)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward / generate call (default 8)")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="generate mode: reply length limit")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on a bf16 GPU, else float32), float32, bfloat16, "
+                                                    "float16")
+    ap.add_argument("--experts", default="drop", choices=("drop", "keep"),
+                    help="stage-1 directories: drop the routed experts (the paper's deployment) or keep them")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def _check_args(args) -> None:
+    problems = []
+    if args.limit is not None and args.limit < 1:
+        problems.append(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.output and os.path.exists(args.output) and (os.path.isdir(args.output) or not args.overwrite):
+        problems.append(f"--output {args.output} already exists; choose a new file or pass --overwrite")
+    if args.stage_dir and not os.path.isdir(args.stage_dir):
+        problems.append(f"--stage-dir {args.stage_dir}: no such directory")
+    if problems:
+        raise EvalError("; ".join(problems))
+
+
+def write_json(path: str, report: dict) -> None:
+    from .checkpoint import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+
+    atomic_write(path, write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+        items = load_items(args.data, args.limit)  # before any model is loaded
+        model, tokenizer, what = load_model(args.model, args.stage_dir, args.dtype, args.device, args.experts)
+        print(f"medcare.eval: {len(items)} questions from {', '.join(args.data)}; {args.model}"
+              f"{' + ' + args.stage_dir if args.stage_dir else ''} ({what}) on {next(model.parameters()).device}, "
+              f"mode {args.mode}")
+        result = evaluate(model, tokenizer, items, args.mode, args.batch_size, args.max_new_tokens,
+                          progress=not args.no_progress)
+    except (EvalError, ValueError) as exc:
+        print(f"medcare.eval: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(f"scored by {result.mode} over {result.answer_space}, {result.seconds:.1f} s")
+    print(result.table())
+    if args.output:
+        report = result.report(model=os.path.abspath(args.model), data=[os.path.abspath(d) for d in args.data],
+                               stage_dir=os.path.abspath(args.stage_dir) if args.stage_dir else None, model_kind=what)
+        write_json(args.output, report)
+        print(f"report written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
