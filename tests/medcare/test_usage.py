@@ -372,3 +372,32 @@ def test_a_negative_aux_coefficient_is_a_user_error(env, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "router_aux_loss_coef must be a number >= 0" in err and err.count("\n") == 1
     assert not (tmp_path / "s1").exists()
+
+
+# --------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_gpu_counts_stay_on_the_device_and_equal_the_brute_force_count():
+    model = stage1_model().cuda()
+    ids, mask = (t.cuda() for t in batch())
+    counter = usage.ExpertUsage(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the routing decision stays fp32 inside the kernel
+        model(input_ids=ids, attention_mask=mask)
+    assert all(s.pairs.device.type == "cuda" for s in counter.slots.values())
+    state = counter.state()
+    want = brute_force(model, ids, mask)  # fp32 forward: agrees unless a bf16 activation flips a near-tie
+    agree = sum(torch.equal(pairs, want[name]) for name, (pairs, _) in state.items())
+    assert all(int(t) == int(mask.sum()) for _, t in state.values()) and agree >= len(state) - 1
+
+
+@pytest.mark.gpu
+def test_gpu_aux_loss_under_bf16_autocast_has_a_router_gradient():
+    model = stage1_model().cuda()
+    ids, mask = (t.cuda() for t in batch())
+    with torch.autocast("cuda", dtype=torch.bfloat16), LoadBalanceCollector(model) as c:
+        model(input_ids=ids, attention_mask=mask)
+    total = c.total()
+    assert total.dtype == torch.float32 and 0 < float(total) <= E / K + 1e-3
+    total.backward()
+    module = next(m for _, m in adapter_modules(model, MoLoRALinear))
+    assert module.router_weight.grad is not None and torch.isfinite(module.router_weight.grad).all()
+    assert module.router_weight.grad.abs().max() > 0
