@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device run, in order of value, each step time-boxed: install with the CUDA extension (verbose log),
+# GPU tests with short tracebacks, then every benchmark suite. Logs and a results tarball under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+OUT="${OUT:-/tmp/medcare-gpu}"; RES="$OUT/results"; mkdir -p "$RES"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; which nvcc; nvcc --version | tail -1
+t0=$SECONDS
+timeout 200 python3 -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1
+echo "install rc=$? in $((SECONDS - t0)) s"
+grep -E "medcare:|error|Error|FAILED" "$OUT/install.log" | grep -v "^ *warning" | head -25
+python3 -c "import medcare_kernels as mk; print('ext:', mk.available_backends()['ext'])"
+t0=$SECONDS
+timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --timeout=90 \
+  tests/benchmarks tests/medcare tests/medcare_kernels/test_ext.py tests/medcare_kernels/test_triton_gpu.py \
+  tests/medcare_kernels/test_route_topk.py tests/medcare_kernels/test_orth_penalty.py >"$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
+t0=$SECONDS
+timeout 200 python3 benchmarks/run_all.py --device cuda --time-budget 170 --output "$RES" >"$OUT/run_all.log" 2>&1
+echo "run_all rc=$? in $((SECONDS - t0)) s"; grep -E "agreement|skipped|run_all|Error" "$OUT/run_all.log" | tail -30
+tar czf "$OUT/results.tgz" -C "$RES" . && echo "results: $(tar tzf "$OUT/results.tgz" | wc -l) files"
