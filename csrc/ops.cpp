@@ -13,11 +13,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(medcare, m) {
-  // route_topk.cpp / route_topk.cu: fp32 softmax -> top-K (ties to the lower index) -> renormalise.
+  // route_topk.cpp / route_topk_cuda.cu: fp32 softmax -> top-K (ties to the lower index) -> renormalise.
   // stats [..., 2] = (max logit, sum of exp) per token: what the backward needs besides the logits.
   m.def("route_topk(Tensor logits, int top_k) -> (Tensor gates, Tensor indices, Tensor stats)");
   m.def("route_topk_backward(Tensor d_gates, Tensor logits, Tensor indices, Tensor stats) -> Tensor");
-  // orth_penalty.cpp / orth_penalty.cu: sum_i sum |A_base_i A_orth_i^T| over all pairs in one launch;
+  // orth_penalty.cpp / orth_penalty_cuda.cu: sum_i sum |A_base_i A_orth_i^T| over all pairs in one launch;
   // signs = sign(A_base_i A_orth_i^T) packed pair after pair (all the backward keeps).
   m.def("orth_penalty(Tensor[] a_base, Tensor[] a_orth) -> (Tensor loss, Tensor signs)");
   m.def("orth_penalty_backward(Tensor grad, Tensor signs, Tensor[] a_base, Tensor[] a_orth, bool need_base, "

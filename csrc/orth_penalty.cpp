@@ -1,4 +1,4 @@
-// orth_penalty: argument checks, the CPU implementation (what CI runs) and the CUDA binding of orth_penalty.cu.
+// orth_penalty: argument checks, the CPU implementation (what CI runs) and the CUDA binding of orth_penalty_cuda.cu.
 // Schemas: csrc/ops.cpp. Python side (register_fake, register_autograd): medcare_kernels/_ext.py.
 //   orth_penalty(a_base[i] [r1_i, din_i], a_orth[i] [r2_i, din_i]) -> loss (0-d), signs (sum_i r1_i r2_i)
 //   orth_penalty_backward(grad, signs, a_base, a_orth, need_base, need_orth) -> d_base[], d_orth[]

@@ -1,5 +1,5 @@
 // orth_penalty CUDA launchers and the pair table they read: plain C++ (no torch, no CUDA types), shared by
-// orth_penalty.cu (device side) and orth_penalty.cpp (builds the table from the tensors).
+// orth_penalty_cuda.cu (device side) and orth_penalty.cpp (builds the table from the tensors).
 #pragma once
 
 #include <cstdint>

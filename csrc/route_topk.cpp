@@ -1,4 +1,4 @@
-// route_topk: argument checks, the CPU implementation (what CI runs) and the CUDA binding of route_topk.cu.
+// route_topk: argument checks, the CPU implementation (what CI runs) and the CUDA binding of route_topk_cuda.cu.
 // Schemas: csrc/ops.cpp. Python side (register_fake, register_autograd): medcare_kernels/_ext.py.
 //   route_topk(logits [..., E], K) -> gates [..., E] (fp32 | fp64), indices [..., K] int64, stats [..., 2]
 //   route_topk_backward(d_gates [..., E], logits, indices, stats) -> d_logits [..., E] (logits' dtype)

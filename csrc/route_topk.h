@@ -1,5 +1,5 @@
 // route_topk CUDA launchers: plain C++ signatures (raw pointers, sizes, an opaque cudaStream_t) so that the
-// torch-side binding in route_topk.cpp needs no CUDA header and route_topk.cu needs no torch header.
+// torch-side binding in route_topk.cpp needs no CUDA header and route_topk_cuda.cu needs no torch header.
 #pragma once
 
 #include <cstdint>

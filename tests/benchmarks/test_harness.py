@@ -100,5 +100,7 @@ def test_run_all_cuda_smoke(tmp_path):
     assert run_all.main(["--device", "cuda", "--quick", "--repeats", "2", "--output", str(tmp_path)]) == 0
     for suite in run_all.SUITES:
         recs = json.loads((tmp_path / harness.device_slug("cuda") / f"{suite}.json").read_text())["records"]
-        assert all(r["skipped"] is None for r in recs), [r for r in recs if r["skipped"]]
-        assert all(r["peak_bytes"] is not None for r in recs if r["mode"] in ("fwd+bwd", "step"))
+        # A backend without one of a stage's ops (triton has no orth_penalty) is recorded as not run, by design.
+        ran = [r for r in recs if not (r["skipped"] or "").startswith("backend ")]
+        assert all(r["skipped"] is None for r in ran), [r for r in ran if r["skipped"]]
+        assert all(r["peak_bytes"] is not None for r in ran if r["mode"] in ("fwd+bwd", "step"))

@@ -45,23 +45,27 @@ def batch(vocab: int = 477):
     return ids, mask
 
 
-def brute_force(model, ids, mask) -> dict[str, torch.Tensor]:
+def brute_force(model, ids, mask, autocast_dtype=None) -> dict[str, torch.Tensor]:
     """Per projection, pairs[i, j] = real tokens whose top-K by router probability (float64, ties to the lower
-    index) holds both i and j, found with a Python loop over tokens."""
+    index) holds both i and j, found with a Python loop over tokens. With autocast_dtype, the forward runs under
+    the same autocast as the counted one and the router sees the input rounded to that dtype, as the kernel does."""
     inputs, handles = {}, []
     for name, m in adapter_modules(model, MoLoRALinear):
         handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0])))
     was_training = model.training
     model.eval()  # the same routing (no dropout in these configs), and a counter attached to it does not count
-    with torch.no_grad():
+    device_type = ids.device.type
+    with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
+                                         enabled=autocast_dtype is not None):
         model(input_ids=ids, attention_mask=mask)
     model.train(was_training)
     for h in handles:
         h.remove()
     out = {}
     for name, m in adapter_modules(model, MoLoRALinear):
-        x = inputs[name].reshape(-1, inputs[name].shape[-1]).double()
-        probs = torch.softmax(x @ m.router_weight.double().T + m.router_bias.double(), -1)
+        x = inputs[name].reshape(-1, inputs[name].shape[-1])
+        x = (x.to(autocast_dtype) if autocast_dtype is not None else x).double()
+        probs = torch.softmax(x @ m.router_weight.double().T + m.router_bias.double(), -1).cpu()
         pairs = torch.zeros(E, E, dtype=torch.int64)
         for t, keep in enumerate(mask.reshape(-1).tolist()):
             if not keep:
@@ -384,8 +388,9 @@ def test_gpu_counts_stay_on_the_device_and_equal_the_brute_force_count():
         model(input_ids=ids, attention_mask=mask)
     assert all(s.pairs.device.type == "cuda" for s in counter.slots.values())
     state = counter.state()
-    want = brute_force(model, ids, mask)  # fp32 forward: agrees unless a bf16 activation flips a near-tie
-    agree = sum(torch.equal(pairs, want[name]) for name, (pairs, _) in state.items())
+    # The same bf16 activations the kernel routed; float64 router math agrees with its fp32 unless a near-tie.
+    want = brute_force(model, ids, mask, autocast_dtype=torch.bfloat16)
+    agree = sum(torch.equal(pairs.cpu(), want[name]) for name, (pairs, _) in state.items())
     assert all(int(t) == int(mask.sum()) for _, t in state.values()) and agree >= len(state) - 1
 
 

@@ -232,11 +232,13 @@ def test_ext_backend_is_registered_and_auto_prefers_it_on_cuda_only():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_route_topk_cuda_matches_reference_and_cpu_impl(shape, K, dtype):
     logits = torch.randn(shape, dtype=torch.float64).to(dtype)
-    tol = dict(rtol=1e-6, atol=1e-7) if dtype in (torch.float32, torch.float64) else None
+    # CUDA's expf and the CPU's exp differ by an ulp or two; over 65536 tokens one fp32 gate or gradient lands
+    # ~1e-5 relative apart after renormalisation (seen on an H100: 1.2e-7 absolute on a 0.009 gate).
+    tol = {torch.float32: dict(rtol=1e-5, atol=2e-7), torch.float64: dict(rtol=1e-6, atol=1e-7)}.get(dtype)
     _route_check(logits.to(CUDA), K, grad_tol=tol)
     cpu, gpu = ops.route_topk(logits, K), ops.route_topk(logits.to(CUDA), K)
     assert torch.equal(cpu[1], gpu[1].cpu())
-    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=2e-7)
     torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=1e-6, atol=1e-6)
     dg = torch.randn(shape, dtype=cpu[0].dtype)
     d_cpu = ops.route_topk_backward(dg, logits, cpu[1], cpu[2])
