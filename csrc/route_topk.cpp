@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "binding.h"
@@ -88,7 +89,8 @@ void route_token(const scalar_t* l, int64_t E, int64_t K, acc_t* p, char* taken,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits_in, int64_t top_k) {
   check_logits(logits_in, top_k);
   const auto logits = logits_in.contiguous();
-  auto [gates, indices, stats] = empty_outputs(logits, top_k);
+  at::Tensor gates, indices, stats;  // not structured bindings: C++17 lambdas cannot capture those
+  std::tie(gates, indices, stats) = empty_outputs(logits, top_k);
   const int64_t E = logits.size(-1), T = logits.numel() / E;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_topk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -158,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_topk_cuda(const at::Tensor&
   check_cuda_limits(logits_in.size(-1), top_k);
   c10::DeviceGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
-  auto [gates, indices, stats] = empty_outputs(logits, top_k);
+  at::Tensor gates, indices, stats;  // not structured bindings: C++17 lambdas cannot capture those
+  std::tie(gates, indices, stats) = empty_outputs(logits, top_k);
   const int64_t E = logits.size(-1);
   route_topk_fwd_cuda(to_dtype(logits.scalar_type()), logits.data_ptr(), logits.numel() / E, static_cast<int>(E),
                       static_cast<int>(top_k), gates.data_ptr(), indices.data_ptr<int64_t>(), stats.data_ptr(),
