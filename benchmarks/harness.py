@@ -16,6 +16,7 @@ agree, is recorded as skipped with the reason instead of crashing the suite.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -284,6 +285,10 @@ def rss_growth(fn: Callable[[], object]) -> int | None:
     if not os.path.exists("/proc/self/statm"):
         return None
     gc.collect()
+    try:  # hand freed heap pages back to the OS first, so reused pages do not hide the call's allocations
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     start, peak, done = _rss(), [0], threading.Event()
 
     def sample():
