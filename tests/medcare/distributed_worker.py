@@ -63,7 +63,7 @@ def orth(out_dir: str) -> None:
     if rank == 0:
         save_file(grads, os.path.join(out_dir, "grads.safetensors"))
         with open(os.path.join(out_dir, "values.json"), "w") as f:
-            json.dump({"penalty": float(penalty), "ce": [float(c) for c in ces],
+            json.dump({"penalty": float(penalty.detach()), "ce": [float(c) for c in ces],
                        "sharded": [type(m.lora_a).__name__ for _, m in adapter_modules(model)][:1]}, f)
 
 

@@ -40,7 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # another order than one) into visible weight differences; SGD keeps the comparison at float precision.
 COMMON = ["--gradient_accumulation_steps", "1", "--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.5",
           "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
-          "--disable_tqdm", "true", "--model_dtype", "float32", "--save_strategy", "no", "--seed", "3"]
+          "--disable_tqdm", "true", "--model_dtype", "float32", "--save_strategy", "no", "--seed", "3",
+          "--use_cpu", "true"]
 STAGE1 = ["--num_experts", "4", "--top_k", "2", "--expert_rank", "4", "--shared_rank", "8", "--attn_rank", "4",
           "--attn_alpha", "8", "--mlp_alpha", "8", "--attn_dropout", "0"]
 FSDP2 = ["--fsdp", "full_shard auto_wrap",
@@ -67,7 +68,7 @@ def env(tmp_path_factory, chatml_tokenizer):
 
 def torchrun(args, timeout=240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU test everywhere: gloo, and the same device as the reference run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -142,7 +143,7 @@ def test_orth_penalty_under_fsdp2_has_the_single_process_gradient(tmp_path):
         penalty = orth_loss(model)
         (ce + penalty if with_penalty else ce).backward()
         return {f"{n}.{a}": getattr(m, a).grad for n, m in adapter_modules(model) for a in ("lora_a", "lora_b")}, \
-            float(penalty)
+            float(penalty.detach())
 
     want, penalty = grads(True)
     without, _ = grads(False)
