@@ -452,11 +452,11 @@ def load_model(model_dir: str, stage_dir: str | None, dtype: str, device: str, e
     from . import train as train_mod
 
     dev = _device(device)
-    if dtype == "auto":
-        dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dt = train_mod._dtype(dtype)
     try:
+        if dtype == "auto":
+            dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        else:
+            dt = train_mod._dtype(dtype)
         model, tokenizer = train_mod.load_model_and_tokenizer(model_dir, dt)
         what = "plain model"
         if stage_dir:

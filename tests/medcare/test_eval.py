@@ -278,7 +278,7 @@ def test_cli_reports_on_both_formats(stages, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["bad_answer", "bad_options", "neither", "no_file", "exists", "bad_limit",
-                                  "broken_json", "no_stage_dir"])
+                                  "broken_json", "no_stage_dir", "bad_dtype", "no_model"])
 def test_cli_user_errors_are_one_line(stages, tmp_path, capfd, case):
     data = write(tmp_path / "d.jsonl", plain_records(["B", "C", "A", "A", "B"]))
     argv = ["--model", stages["export"], "--data", data, "--no-progress"]
@@ -300,6 +300,10 @@ def test_cli_user_errors_are_one_line(stages, tmp_path, capfd, case):
         argv[3] = str(tmp_path / "b.jsonl")
     elif case == "no_stage_dir":
         argv += ["--stage-dir", str(tmp_path / "nope")]
+    elif case == "bad_dtype":
+        argv += ["--dtype", "float8"]
+    elif case == "no_model":
+        argv[1] = str(tmp_path / "no-model")
     assert ev.main(argv) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1].startswith("medcare.eval: error: ") and "Traceback" not in "".join(err)
