@@ -1,27 +1,23 @@
 #!/usr/bin/env bash
-# The GPU machine's run (device tool): install offline against its torch (building the CUDA extension), run
-# the GPU tests and the benchmarks, and leave logs and results under $OUT (results as one tarball, since the
-# tool brings back few files). Usage: bash scripts/gpu_check.sh [tests|bench|all]
+# The GPU machine's run (device tool), in order of value, each step time-boxed: install with the CUDA
+# extension (verbose log), GPU tests with short tracebacks, then every benchmark suite. Logs and a results
+# tarball under $OUT (the tool brings back few files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/medcare-gpu}"
-RES="$OUT/results"
-mkdir -p "$RES"
-what="${1:-all}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-start=$SECONDS
-python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
-echo "install: $((SECONDS - start)) s"; grep -h "medcare:" "$OUT/install.log" | tail -3
-python3 -c "import torch, triton, medcare_kernels as mk; print('torch', torch.__version__, 'triton', triton.__version__, mk.available_backends())"
-if [[ "$what" == tests || "$what" == all ]]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --maxfail=30 -m gpu tests \
-    >"$OUT/gpu_tests.log" 2>&1; tail -25 "$OUT/gpu_tests.log"
-fi
-if [[ "$what" == bench || "$what" == all ]]; then
-  timeout "${GEMM_TIMEOUT:-150}" python3 benchmarks/bench_triton_gemm.py --output "$RES" >"$OUT/bench_triton_gemm.log" 2>&1
-  tail -4 "$OUT/bench_triton_gemm.log"
-  timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/run_all.py --device cuda --time-budget "${BENCH_BUDGET:-170}" \
-    --output "$RES" >"$OUT/run_all.log" 2>&1; tail -30 "$OUT/run_all.log"
-fi
+export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+OUT="${OUT:-/tmp/medcare-gpu}"; RES="$OUT/results"; mkdir -p "$RES"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; which nvcc; nvcc --version | tail -1
+t0=$SECONDS
+timeout 200 python3 -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1
+echo "install rc=$? in $((SECONDS - t0)) s"
+grep -E "medcare:|error|Error|FAILED" "$OUT/install.log" | grep -v "^ *warning" | head -25
+python3 -c "import medcare_kernels as mk; print('ext:', mk.available_backends()['ext'])"
+t0=$SECONDS
+timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --timeout=90 \
+  tests/benchmarks tests/medcare tests/medcare_kernels/test_ext.py tests/medcare_kernels/test_triton_gpu.py \
+  tests/medcare_kernels/test_route_topk.py tests/medcare_kernels/test_orth_penalty.py >"$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
+t0=$SECONDS
+timeout 200 python3 benchmarks/run_all.py --device cuda --time-budget 170 --output "$RES" >"$OUT/run_all.log" 2>&1
+echo "run_all rc=$? in $((SECONDS - t0)) s"; grep -E "agreement|skipped|run_all|Error" "$OUT/run_all.log" | tail -30
 tar czf "$OUT/results.tgz" -C "$RES" . && echo "results: $(tar tzf "$OUT/results.tgz" | wc -l) files"
