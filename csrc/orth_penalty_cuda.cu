@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "cuda_convert.cuh"
 #include "orth_penalty.h"
 
 namespace medcare {
@@ -29,16 +30,6 @@ constexpr int kThreads = 256;
 constexpr int kFwdK = 32;                 // din columns per forward slab
 constexpr int kPad = kMaxOrthRank + 4;    // row stride of rank-indexed slabs: rows stay 16-byte aligned
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(float x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename T> __device__ __forceinline__ T from_acc(double x) { return static_cast<T>(x); }
 
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
   const float4 t = *reinterpret_cast<const float4*>(p);

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import dropout_keep_mask
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # On an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192) measured with benchmarks/bench_triton_gemm.py; the
@@ -108,6 +110,17 @@ def use_fused_gemm(device: torch.device) -> bool:
     if choice == "auto":
         choice = "fused" if (INTERPRET and device.type == "cpu") else DEFAULT_GEMM
     return choice == "fused"
+
+
+def flat_inputs(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., Din] -> (x2 [T, Din] contiguous, drop(x2) | None). The dropout draw is reference.dropout_keep_mask,
+    the torch backend's, so every backend drops the same elements under the same seed."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if dropout == 0.0:
+        return x2, None
+    return x2, x2 * dropout_keep_mask(x2, dropout).to(x2.dtype) / (1.0 - dropout)
 
 
 def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import dropout_keep_mask
-from ._triton_gemm import gemm2, use_fused_gemm
+from ._triton_gemm import flat_inputs, gemm2, use_fused_gemm
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -93,12 +92,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0):
     """y [..., Dout]; see medcare_kernels.lora_linear."""
     dt = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    xd = None
-    if dropout > 0.0:
-        xd = x2 * dropout_keep_mask(x2, dropout).to(dt) / (1.0 - dropout)
+    x2, xd = flat_inputs(x, dropout)
     y, _ = _fwd_op(x2, xd, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt).contiguous(),
                    lora_b.to(dt).contiguous(), float(scaling))
     return y.view(*x.shape[:-1], y.shape[-1])

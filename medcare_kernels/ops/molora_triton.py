@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import dropout_keep_mask, router_dtype
+from ..reference import router_dtype
 from ._common import grad_like
-from ._triton_gemm import INTERPRET, gemm2, use_fused_gemm
+from ._triton_gemm import INTERPRET, flat_inputs, gemm2, use_fused_gemm
 
 # ---------------------------------------------------------------------------------------------- tile configs
 BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
@@ -327,12 +327,7 @@ def molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *
     """(y [..., Dout], indices [..., K]); see medcare_kernels.molora_linear."""
     del num_experts  # router_weight.shape[0]; validated by the public API
     dt = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    xd = None
-    if dropout > 0.0:
-        xd = x2 * dropout_keep_mask(x2, dropout).to(dt) / (1.0 - dropout)
+    x2, xd = flat_inputs(x, dropout)
     y, _, _, indices = _fwd_op(x2, xd, weight.to(dt), None if bias is None else bias.to(dt),
                                router_weight.contiguous(), router_bias, lora_a.to(dt).contiguous(),
                                lora_b.to(dt).contiguous(), int(top_k),
