@@ -1,12 +1,12 @@
-"""lora_linear, Triton backend: the frozen base GEMM with the low-rank expand as a second K segment.
+"""lora_linear, Triton backend: the frozen base GEMM with the low-rank expand beside it.
 
 Forward:   h = drop(x) A^T [T, R] (cuBLAS: a skinny GEMM it runs at bandwidth);
-           y = x W^T + b + h (s B)^T in one Triton GEMM (_triton_gemm.gemm2): y is written once, never read back,
-           or cuBLAS base + in-place addmm where that measures faster (use_fused_gemm).
-Saved:     x (the caller's tensor), h [T, R]: O(T*R) beyond x. With dropout > 0 the dropped input comes from
-           reference.dropout_keep_mask (the torch backend's draw) and autograd keeps its mask.
+           y = x W^T + b + h (s B)^T: cuBLAS base + in-place addmm, or one Triton GEMM with h/(s B) as a second
+           K segment (_triton_gemm.gemm2, MEDCARE_TRITON_GEMM=fused; it lost to cuBLAS on an H100, see there).
+Saved:     x (the caller's tensor), h [T, R] and, with dropout, the RNG state of the draw (the mask is redrawn
+           in backward, never kept): O(T*R) beyond x.
 Backward:  dS = dY (s B) [T, R];  dB = s dY^T h;  dA = dS^T drop(x);
-           dX = dY W + dS A as one Triton GEMM with dS/A as the second K segment (no dropout), else cuBLAS.
+           dX = dY W + drop'(dS A): one GEMM with dS/A as the second K segment without dropout, else cuBLAS.
 A torch.library custom op with a fake implementation and registered autograd (torch.compile fullgraph works).
 Reference: medcare_kernels.reference.lora_linear.
 """
@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_gemm import flat_inputs, gemm2, use_fused_gemm
+from ._common import apply_keep
+from ._triton_gemm import dropped, flat_input, gemm2, use_fused_gemm
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def lora_fwd(x, xd, weight, bias, lora_a, lora_b, scaling):
-    """x [T, Din]; xd [T, Din] | None; weight [Dout, Din]; bias [Dout] | None; lora_a [R, Din]; lora_b [Dout, R]
-    (all in x's dtype) -> (y [T, Dout], h [T, R])."""
-    h = (x if xd is None else xd) @ lora_a.t()
+def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout):
+    """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; lora_a [R, Din]; lora_b [Dout, R] (all in x's dtype);
+    rng_state: the dropout draw's starting state | None -> (y [T, Dout], h [T, R])."""
+    xa, _ = dropped(x, dropout, rng_state, redraw=False)
+    h = xa @ lora_a.t()
     b_scaled = lora_b * scaling                                        # [Dout, R], tiny
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, h, b_scaled, bias)
@@ -32,57 +34,56 @@ def lora_fwd(x, xd, weight, bias, lora_a, lora_b, scaling):
     return y, h
 
 
-def lora_bwd(dy, x, xd, h, weight, lora_a, lora_b, scaling):
-    """-> (dx [T, Din] (without the adapter part when xd is given), dxd [T, Din] | empty, d_lora_a [R, Din],
-    d_lora_b [Dout, R])."""
+def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout):
+    """-> (dx [T, Din], d_lora_a [R, Din], d_lora_b [Dout, R])."""
+    xa, keep = dropped(x, dropout, rng_state, redraw=True)
     ds = dy @ (lora_b * scaling)                                       # [T, R]
     d_lb = (dy.t() @ h).mul_(scaling)                                  # [Dout, R]
-    d_a = ds.t() @ (x if xd is None else xd)                           # [R, Din]
-    if xd is None:
-        dx = gemm2(dy, weight.t(), ds, lora_a.t()) if use_fused_gemm(x.device) else torch.mm(dy, weight).addmm_(
-            ds, lora_a)
-        return dx, dx.new_empty(0), d_a, d_lb
-    return torch.mm(dy, weight), ds @ lora_a, d_a, d_lb
+    d_a = ds.t() @ xa                                                  # [R, Din]
+    if keep is not None:
+        return torch.mm(dy, weight).add_(apply_keep(ds @ lora_a, keep, dropout)), d_a, d_lb
+    dx = gemm2(dy, weight.t(), ds, lora_a.t()) if use_fused_gemm(x.device) else torch.mm(dy, weight).addmm_(ds, lora_a)
+    return dx, d_a, d_lb
 
 
 # ---------------------------------------------------------------------------------------------- custom op + autograd
 @torch.library.custom_op("medcare::lora_triton_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, xd: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-            lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return lora_fwd(x, xd, weight, bias, lora_a, lora_b, scaling)
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+            lora_b: torch.Tensor, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return lora_fwd(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout)
 
 
 @_fwd_op.register_fake
-def _(x, xd, weight, bias, lora_a, lora_b, scaling):
+def _(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
 @torch.library.custom_op("medcare::lora_triton_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, xd: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor,
-            lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return lora_bwd(dy, x, xd, h, weight, lora_a, lora_b, scaling)
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+            lora_b: torch.Tensor, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout)
 
 
 @_bwd_op.register_fake
-def _(dy, x, xd, h, weight, lora_a, lora_b, scaling):
-    return (torch.empty_like(x), x.new_empty(x.shape if xd is not None else (0,)), torch.empty_like(lora_a),
-            torch.empty_like(lora_b))
+def _(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, xd, weight, bias, lora_a, lora_b, scaling = inputs
-    ctx.save_for_backward(x, xd, output[1], weight, lora_a, lora_b)
-    ctx.scaling, ctx.has_bias = scaling, bias is not None
+    x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, rng_state)
+    ctx.scaling, ctx.dropout, ctx.has_bias = scaling, dropout, bias is not None
 
 
 def _backward(ctx, dy, _dh):
-    x, xd, h, weight, lora_a, lora_b = ctx.saved_tensors
-    dx, dxd, d_a, d_lb = _bwd_op(dy.contiguous(), x, xd, h, weight, lora_a, lora_b, ctx.scaling)
+    x, h, weight, lora_a, lora_b, rng_state = ctx.saved_tensors
+    dx, d_a, d_lb = _bwd_op(dy.contiguous(), x, h, weight, lora_a, lora_b, ctx.scaling, rng_state, ctx.dropout)
     need = ctx.needs_input_grad
-    d_w = dy.t() @ x if need[2] else None      # the base weight is frozen in training; supported for completeness
-    d_b = dy.sum(0) if (need[3] and ctx.has_bias) else None
-    return dx, dxd if xd is not None else None, d_w, d_b, d_a, d_lb, None
+    d_w = dy.t() @ x if need[1] else None      # the base weight is frozen in training; supported for completeness
+    d_b = dy.sum(0) if (need[2] and ctx.has_bias) else None
+    return dx, d_w, d_b, d_a, d_lb, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -92,7 +93,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0):
     """y [..., Dout]; see medcare_kernels.lora_linear."""
     dt = x.dtype
-    x2, xd = flat_inputs(x, dropout)
-    y, _ = _fwd_op(x2, xd, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt).contiguous(),
-                   lora_b.to(dt).contiguous(), float(scaling))
+    x2, state = flat_input(x, dropout)
+    y, _ = _fwd_op(x2, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt).contiguous(),
+                   lora_b.to(dt).contiguous(), float(scaling), state, float(dropout))
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -19,8 +19,8 @@ No [T, E, Dout] tensor, no token permutation, no host synchronisation (CUDA-grap
 the op is a torch.library custom op with a fake implementation and a registered autograd).
 
 Saved for backward: x (the caller's tensor), h [T, Rt], probs [T, E] fp32, indices [T, K]: O(T*(E*R+Rs))
-beyond x, as the torch backend. With dropout > 0 the dropped input comes from reference.dropout_keep_mask (the
-same draw as the torch backend) and autograd keeps its mask; the MoLoRA recipe uses no dropout.
+beyond x, as the torch backend. With dropout > 0 the adapters' mask is reference.dropout_keep_mask's draw (the
+torch backend's) from an RNG state the op keeps; backward redraws it, so no [T, Din] mask is saved.
 
 Backward:
     dS = dY lora_b                       cuBLAS [T, Rt]
@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from ..reference import router_dtype
-from ._common import grad_like
-from ._triton_gemm import INTERPRET, flat_inputs, gemm2, use_fused_gemm
+from ._common import apply_keep, grad_like
+from ._triton_gemm import INTERPRET, dropped, flat_input, gemm2, use_fused_gemm
 
 # ---------------------------------------------------------------------------------------------- tile configs
 BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
@@ -189,14 +189,16 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def molora_fwd(x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling):
-    """x [T, Din]; xd [T, Din] | None (dropped adapter input); weight [Dout, Din]; bias [Dout] | None;
-    router_weight [E, Din]; router_bias [E] | None; lora_a [Rt, Din]; lora_b [Dout, Rt] (all but the router in
-    x's dtype) -> (y [T, Dout], h [T, Rt], probs [T, E] fp32, indices [T, K] int64)."""
+def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, rng_state,
+               dropout):
+    """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; router_weight [E, Din]; router_bias [E] | None;
+    lora_a [Rt, Din]; lora_b [Dout, Rt] (all but the router in x's dtype); rng_state: the adapters' dropout
+    draw's starting state | None -> (y [T, Dout], h [T, Rt], probs [T, E] fp32, indices [T, K] int64)."""
     t, din = x.shape
     e, rt = router_weight.shape[0], lora_a.shape[0]
     er = e * expert_rank
-    h = torch.mm(x if xd is None else xd, lora_a.t())                      # [T, Rt]
+    xa, _ = dropped(x, dropout, rng_state, redraw=False)                    # the router sees x, the adapters drop(x)
+    h = torch.mm(xa, lora_a.t())                                            # [T, Rt]
     s = torch.empty_like(h)
     probs = torch.empty(t, e, dtype=router_dtype(x.dtype), device=x.device)
     indices = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
@@ -214,10 +216,10 @@ def molora_fwd(x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, 
     return y, h, probs, indices
 
 
-def molora_bwd(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling):
-    """dy [T, Dout] and the saved tensors -> (dx [T, Din] (without the adapter part when xd is given),
-    dxd [T, Din] | empty, d_router_weight [E, Din] fp32, d_router_bias [E] fp32, d_lora_a [Rt, Din],
-    d_lora_b [Dout, Rt]); d lora_a/lora_b in the compute dtype."""
+def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, rng_state,
+               dropout):
+    """dy [T, Dout] and the saved tensors -> (dx [T, Din], d_router_weight [E, Din] fp32, d_router_bias [E]
+    fp32, d_lora_a [Rt, Din], d_lora_b [Dout, Rt]); d lora_a/lora_b in the compute dtype."""
     t, din = x.shape
     e, rt, k = router_weight.shape[0], lora_a.shape[0], indices.shape[1]
     er = e * expert_rank
@@ -232,19 +234,18 @@ def molora_bwd(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora
             ACC=_acc(dt), BLOCK_T=BLOCK_T, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
     d_lb = dy.t() @ s                                                        # [Dout, Rt]
     dh = dhl[:, :rt]
-    d_a = dh.t() @ (x if xd is None else xd)                                 # [Rt, Din]
+    xa, keep = dropped(x, dropout, rng_state, redraw=True)
+    d_a = dh.t() @ xa                                                        # [Rt, Din]
     d_rw = _router_wgrad_launch(dl, x)
     a_ext = torch.cat([lora_a, router_weight.to(dt)])                       # [Rt + E, Din], small
-    if xd is None:
+    if keep is None:
         if use_fused_gemm(dev):
             dx = gemm2(dy, weight.t(), dhl, a_ext.t())
         else:
             dx = torch.mm(dy, weight).addmm_(dhl, a_ext)
-        dxd = dx.new_empty(0)
-    else:  # dropout: the adapter part of the input gradient goes through the mask, the rest does not
-        dx = torch.mm(dy, weight).addmm_(dhl[:, rt:], a_ext[rt:])
-        dxd = dh @ lora_a
-    return dx, dxd, d_rw, dl.sum(0), d_a, d_lb
+    else:  # dropout: the adapter part of the input gradient goes through the mask, the router part does not
+        dx = torch.mm(dy, weight).addmm_(dhl[:, rt:], a_ext[rt:]).add_(apply_keep(dh @ lora_a, keep, dropout))
+    return dx, d_rw, dl.sum(0), d_a, d_lb
 
 
 def _router_wgrad_launch(dl, x):
@@ -267,15 +268,16 @@ def _router_wgrad_launch(dl, x):
 
 # ---------------------------------------------------------------------------------------------- custom op + autograd
 @torch.library.custom_op("medcare::molora_triton_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, xd: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-            router_weight: torch.Tensor, router_bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-            top_k: int, expert_rank: int, scaling: float
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, router_weight: torch.Tensor,
+            router_bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, top_k: int, expert_rank: int,
+            scaling: float, rng_state: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return molora_fwd(x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling)
+    return molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling,
+                      rng_state, dropout)
 
 
 @_fwd_op.register_fake
-def _(x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling):
+def _(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, rng_state, dropout):
     t = x.shape[0]
     return (x.new_empty(t, weight.shape[0]), x.new_empty(t, lora_a.shape[0]),
             x.new_empty(t, router_weight.shape[0], dtype=router_dtype(x.dtype)),
@@ -283,39 +285,39 @@ def _(x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, ex
 
 
 @torch.library.custom_op("medcare::molora_triton_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, xd: torch.Tensor | None, h: torch.Tensor, probs: torch.Tensor,
-            indices: torch.Tensor, weight: torch.Tensor, router_weight: torch.Tensor, lora_a: torch.Tensor,
-            lora_b: torch.Tensor, expert_rank: int, scaling: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return molora_bwd(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling)
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor,
+            weight: torch.Tensor, router_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+            expert_rank: int, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling,
+                      rng_state, dropout)
 
 
 @_bwd_op.register_fake
-def _(dy, x, xd, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling):
-    e = router_weight.shape[0]
-    return (torch.empty_like(x), x.new_empty(x.shape if xd is not None else (0,)),
-            x.new_empty(e, x.shape[1], dtype=router_dtype(x.dtype)), x.new_empty(e, dtype=router_dtype(x.dtype)),
+def _(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, rng_state, dropout):
+    e, rdt = router_weight.shape[0], router_dtype(x.dtype)
+    return (torch.empty_like(x), x.new_empty(e, x.shape[1], dtype=rdt), x.new_empty(e, dtype=rdt),
             torch.empty_like(lora_a), torch.empty_like(lora_b))
 
 
 def _setup_context(ctx, inputs, output):
-    x, xd, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling = inputs
+    x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, state, dropout = inputs
     _, h, probs, indices = output
-    ctx.save_for_backward(x, xd, h, probs, indices, weight, router_weight, lora_a, lora_b)
-    ctx.expert_rank, ctx.scaling = expert_rank, scaling
+    ctx.save_for_backward(x, h, probs, indices, weight, router_weight, lora_a, lora_b, state)
+    ctx.expert_rank, ctx.scaling, ctx.dropout = expert_rank, scaling, dropout
     ctx.has_bias = bias is not None
     ctx.rb_dtype = None if router_bias is None else router_bias.dtype
 
 
 def _backward(ctx, dy, _dh, _dprobs, _didx):
-    x, xd, h, probs, indices, weight, router_weight, lora_a, lora_b = ctx.saved_tensors
-    dx, dxd, d_rw, d_rb, d_a, d_lb = _bwd_op(dy.contiguous(), x, xd, h, probs, indices, weight, router_weight,
-                                             lora_a, lora_b, ctx.expert_rank, ctx.scaling)
+    x, h, probs, indices, weight, router_weight, lora_a, lora_b, state = ctx.saved_tensors
+    dx, d_rw, d_rb, d_a, d_lb = _bwd_op(dy.contiguous(), x, h, probs, indices, weight, router_weight, lora_a, lora_b,
+                                        ctx.expert_rank, ctx.scaling, state, ctx.dropout)
     need = ctx.needs_input_grad
-    d_w = dy.t() @ x if need[2] else None      # the base weight is frozen in training; supported for completeness
-    d_b = dy.sum(0) if (need[3] and ctx.has_bias) else None
-    return (dx, dxd if xd is not None else None, d_w, d_b, grad_like(d_rw, router_weight),
-            None if ctx.rb_dtype is None else d_rb.to(ctx.rb_dtype), d_a, d_lb, None, None, None)
+    d_w = dy.t() @ x if need[1] else None      # the base weight is frozen in training; supported for completeness
+    d_b = dy.sum(0) if (need[2] and ctx.has_bias) else None
+    return (dx, d_w, d_b, grad_like(d_rw, router_weight), None if ctx.rb_dtype is None else d_rb.to(ctx.rb_dtype),
+            d_a, d_lb, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -327,9 +329,8 @@ def molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *
     """(y [..., Dout], indices [..., K]); see medcare_kernels.molora_linear."""
     del num_experts  # router_weight.shape[0]; validated by the public API
     dt = x.dtype
-    x2, xd = flat_inputs(x, dropout)
-    y, _, _, indices = _fwd_op(x2, xd, weight.to(dt), None if bias is None else bias.to(dt),
-                               router_weight.contiguous(), router_bias, lora_a.to(dt).contiguous(),
-                               lora_b.to(dt).contiguous(), int(top_k),
-                               int(expert_rank), float(scaling))
+    x2, state = flat_input(x, dropout)
+    y, _, _, indices = _fwd_op(x2, weight.to(dt), None if bias is None else bias.to(dt), router_weight.contiguous(),
+                               router_bias, lora_a.to(dt).contiguous(), lora_b.to(dt).contiguous(), int(top_k),
+                               int(expert_rank), float(scaling), state, float(dropout))
     return y.view(*x.shape[:-1], y.shape[-1]), indices.view(*x.shape[:-1], top_k)
