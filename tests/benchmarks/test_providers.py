@@ -89,7 +89,9 @@ def test_agreement_rejects_a_wrong_provider():
 def test_orth_case_agrees_and_times_every_provider():
     ctx = harness.Context(CPU, torch.float32, quick=True, warmup=0, repeats=1)
     recs = bench_orth.run_case(ctx, "tiny", 2, 16, 40, 4)
-    assert {r.provider for r in recs} == {"naive-medcare", "naive-peft", "medcare-torch"}
+    built = {f"medcare-{b}" for b in mc.backends(("orth_penalty",), CPU)}   # torch, and ext where it is compiled
+    assert "medcare-torch" in built
+    assert {r.provider for r in recs} == {"naive-medcare", "naive-peft"} | built
     assert all(r.skipped is None and r.median_ms > 0 and r.extra["agreement_rel_err"] < 1e-5
                for r in recs if r.provider != "naive-medcare")
 
@@ -102,7 +104,9 @@ def test_train_step_models_agree(stage):
     fns, skipped = bench_train_step._providers(ctx, stage, base_model)
     ids = torch.randint(0, 512, (2, 16))
     errs, bad = bench_train_step._agreement(ctx, fns, ids)
-    assert not bad and not skipped and set(errs) == {"naive-peft", "medcare-torch"}
+    # A compiled ext backend has only route_topk/orth_penalty: it is left out of a stage it cannot run alone.
+    assert not bad and all(why.startswith("backend ") for why in skipped.values())
+    assert set(errs) == {"naive-peft"} | {f"medcare-{b}" for b in mc.backends(bench_train_step.OPS[stage], CPU)}
     assert max(errs.values()) < 1e-5
     # the naive models really carry the adapters: their trainable parameter counts equal medcare's
     counts = {n: sum(p.numel() for p in bench_train_step._trainable(m)) for n, (m, _, _) in fns.items()}
