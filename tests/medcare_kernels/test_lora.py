@@ -18,6 +18,8 @@ import medcare_kernels as mk
 from medcare_kernels import reference
 
 BACKENDS = backends_for("lora_linear")
+# The Triton backend's GEMM paths: `auto` is the fused Triton GEMM under the interpreter, cuBLAS on a GPU.
+BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", "cublas")] * ("triton" in BACKENDS)
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
 TRAINABLE = (0, 3, 4)
 
@@ -52,8 +54,9 @@ def test_lora_gradcheck_float64_3d(backend, dropout):
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lora_dropout_matches_reference_with_the_same_seed(backend):
+@pytest.mark.parametrize("backend, gemm", BACKEND_GEMM)
+def test_lora_dropout_matches_reference_with_the_same_seed(backend, gemm, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = lora_inputs(0, 20, 9, 6, dtype=torch.float64, lead=(4, 5))
     kw = dict(scaling=2.0, dropout=0.05)
     y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.lora_linear, *t, **kw), leaves(base), seed=9)

@@ -20,6 +20,8 @@ import medcare_kernels as mk
 from medcare_kernels import reference
 
 BACKENDS = backends_for("molora_linear")
+# The Triton backend's GEMM paths: `auto` is the fused Triton GEMM under the interpreter, cuBLAS on a GPU.
+BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", "cublas")] * ("triton" in BACKENDS)
 NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "lora_a", "lora_b")
 TRAINABLE = (0, 3, 4, 5, 6)   # weight and bias stay frozen, as in training
 DIN_POSITIONS = (0, 1, 3, 5)  # x, weight, router_weight, lora_a: the tensors with a Din axis
@@ -76,8 +78,9 @@ def test_molora_3d_input_and_fp32_adapters_with_bf16_activations(backend):
     assert_within_rule("y", y, y_ref.to(y.dtype), y_true)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_molora_dropout_matches_reference_with_the_same_seed(backend):
+@pytest.mark.parametrize("backend, gemm", BACKEND_GEMM)
+def test_molora_dropout_matches_reference_with_the_same_seed(backend, gemm, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = molora_inputs(11, 20, 9, 3, 2, 4, dtype=torch.float64)
     kw = _kw(3, 2, 2, dropout=0.3)
     fused_in, ref_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
@@ -125,3 +128,21 @@ def test_return_indices_matches_route_topk(backend):
     assert idx.shape == (2, t, k) and idx.dtype == torch.int64
     assert torch.equal(idx, want)
     torch.testing.assert_close(y, y_only, rtol=0, atol=0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not built here")
+def test_triton_molora_compiles_fullgraph_and_matches_eager():
+    """The Triton ops are torch.library custom ops and backend selection is a traced constant, so a model
+    calling molora_linear compiles without graph breaks (here under the interpreter; on GPU in test_triton_gpu)."""
+    base = molora_inputs(16, 32, 24, 4, 4, 8)
+    kw = _kw(4, 2, 4)
+
+    def loss(*t):
+        return mk.molora_linear(*t, **kw).square().mean()
+
+    eager_in, comp_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
+    with mk.use_backend("triton"):
+        loss(*eager_in).backward()
+        torch.compile(loss, fullgraph=True)(*comp_in).backward()
+    for i in TRAINABLE:
+        torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=1e-5, atol=1e-6)
