@@ -18,6 +18,6 @@ timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --ti
   tests/medcare_kernels/test_route_topk.py tests/medcare_kernels/test_orth_penalty.py >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
 t0=$SECONDS
-timeout 200 python3 benchmarks/run_all.py --device cuda --time-budget 170 --output "$RES" >"$OUT/run_all.log" 2>&1
+timeout 260 python3 benchmarks/run_all.py --device cuda --time-budget 150 --output "$RES" >"$OUT/run_all.log" 2>&1
 echo "run_all rc=$? in $((SECONDS - t0)) s"; grep -E "agreement|skipped|run_all|Error" "$OUT/run_all.log" | tail -30
 tar czf "$OUT/results.tgz" -C "$RES" . && echo "results: $(tar tzf "$OUT/results.tgz" | wc -l) files"

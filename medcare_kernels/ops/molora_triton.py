@@ -55,6 +55,12 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _block_t(num_experts: int, expert_rank: int) -> int:
+    """Tokens per routing program: BLOCK_T, fewer when the [tokens, E, R] expert tile would not fit in
+    registers (E=8, R=16 keeps 64; E=64, R=16 gets 16)."""
+    return max(16 if not INTERPRET else 4, min(BLOCK_T, 16384 // (_pad(num_experts) * _pad(expert_rank))))
+
+
 def _router_precision(dtype: torch.dtype) -> str:
     """fp32 router dots: IEEE where x is fp32/fp64 (or interpreted); 3xTF32 on tensor cores for bf16/fp16 x,
     whose upcast is exact in TF32, so only the router weight's split costs accuracy (~2^-22 relative)."""
@@ -203,10 +209,11 @@ def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_
     probs = torch.empty(t, e, dtype=router_dtype(x.dtype), device=x.device)
     indices = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
     if t > 0:
-        _router_fwd[(triton.cdiv(t, BLOCK_T),)](
+        bt = _block_t(e, expert_rank)
+        _router_fwd[(triton.cdiv(t, bt),)](
             x, router_weight, router_bias if router_bias is not None else router_weight, h, s, probs, indices,
             t, din, e, er, rt - er, x.stride(0), router_weight.stride(0), scaling, R=expert_rank, K=top_k,
-            HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_T=BLOCK_T,
+            HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_T=bt,
             BLOCK_D=BLOCK_D, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, s, lora_b, bias)
@@ -229,9 +236,10 @@ def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, 
     s = torch.empty(t, rt, dtype=dt, device=dev)
     dl = torch.empty(t, e, dtype=router_dtype(dt), device=dev)
     if t > 0:
-        _gate_route_bwd[(triton.cdiv(t, BLOCK_T),)](
+        bt = _block_t(e, expert_rank)
+        _gate_route_bwd[(triton.cdiv(t, bt),)](
             ds, h, probs, indices, dhl, s, dl, t, e, er, rt - er, dhl.stride(0), scaling, R=expert_rank, K=k,
-            ACC=_acc(dt), BLOCK_T=BLOCK_T, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
+            ACC=_acc(dt), BLOCK_T=bt, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
     d_lb = dy.t() @ s                                                        # [Dout, Rt]
     dh = dhl[:, :rt]
     xa, keep = dropped(x, dropout, rng_state, redraw=True)
