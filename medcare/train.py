@@ -716,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] not in COMMANDS:
             raise UserError(f"unknown command {argv[0]!r}; expected one of demo, {', '.join(COMMANDS)} (see --help)")
         COMMANDS[argv[0]](argv[1:])
+        _close_process_group(finished=True)
         return 0
     except (UserError, ckpt.CheckpointError, ConfigError, data_mod.DataError, InjectionError) as exc:
         print(f"medcare: error: {exc}", file=sys.stderr)
@@ -723,6 +724,22 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"medcare: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group(finished=False)
+
+
+def _close_process_group(finished: bool) -> None:
+    """Under torchrun the Trainer starts a process group; end it before the interpreter exits. Left alive, gloo's
+    threads can abort a rank at exit after a successful run ("terminate called without an active exception",
+    seen once in CI). After a successful run every rank gets here, so they first wait for each other; on an
+    error path a barrier could wait for a rank that is gone, so the group is only destroyed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
