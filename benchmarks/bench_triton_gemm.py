@@ -23,6 +23,9 @@ import triton.testing
 import medcare_kernels as mk
 from medcare_kernels.ops import _triton_gemm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import harness  # noqa: E402
+
 MLP = {"gate/up": (4096, 11008), "down": (11008, 4096)}
 
 
@@ -49,21 +52,6 @@ def gemm_table(t, dt):
                      "dx_mm_ms": ms_dx, "dx_triton_ms": ms_gdx, "mm_tflops": flops / ms_mm / 1e9,
                      "triton_tflops": flops / ms_g / 1e9})
     return rows
-
-
-def saved_bytes(fn, params):
-    """Bytes autograd keeps for backward beyond the parameters (which are held anyway)."""
-    total = [0]
-    skip = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total[0]
 
 
 def projection_table(t, dt):
@@ -97,9 +85,10 @@ def projection_table(t, dt):
             ms = bench(lambda: molora(backend, gemm))
             os.environ["MEDCARE_TRITON_GEMM"] = gemm
             with mk.use_backend(backend):
-                _, nbytes = saved_bytes(lambda: mk.molora_linear(x, w, None, rw, rb, a, bb, num_experts=E, top_k=K,
-                                                                 expert_rank=R, scaling=2.0), (w, rw, rb, a, bb))
-            extra = (nbytes - x.numel() * x.element_size()) / (t * (E * R + Rs) * x.element_size())
+                nbytes = harness.saved_bytes(lambda: mk.molora_linear(
+                    x, w, None, rw, rb, a, bb, num_experts=E, top_k=K, expert_rank=R, scaling=2.0),
+                    [x, w, rw, rb, a, bb])
+            extra = nbytes / (t * (E * R + Rs) * x.element_size())
             rec[f"{label}_ms"] = ms
             rec[f"{label}_x_base"] = ms / ms_base
             rec[f"{label}_saved_vs_TxRt"] = extra

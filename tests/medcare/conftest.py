@@ -1,9 +1,12 @@
 """Offline tokenizers for the training-layer tests: a tiny byte-level BPE trained here (English + CJK), with
-the ChatML special tokens, wrapped as a Hugging Face fast tokenizer. Never touches the hub."""
+the ChatML special tokens, wrapped as a Hugging Face fast tokenizer. Never touches the hub. Also the
+`captured_logs` fixture: what the trainer logs, for the tests that run the CLI."""
 
 from __future__ import annotations
 
 import pytest
+
+from medcare import train as train_mod
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -64,3 +67,23 @@ def template_tokenizer():
 def make_test_tokenizer():
     """`make_tokenizer` itself, for variants (other templates, no ChatML tokens, no pad token)."""
     return make_tokenizer
+
+
+@pytest.fixture
+def captured_logs(monkeypatch):
+    """Every dict the trainer logs (loss, orth_loss, ...), in order."""
+    logs: list[dict] = []
+    original = train_mod._trainer_class
+
+    def patched():
+        cls = original()
+
+        class Capturing(cls):
+            def log(self, values, start_time=None):
+                super().log(values, start_time)
+                logs.append(dict(values))
+
+        return Capturing
+
+    monkeypatch.setattr(train_mod, "_trainer_class", patched)
+    return logs

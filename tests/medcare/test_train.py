@@ -87,26 +87,6 @@ def env(tmp_path_factory, chatml_tokenizer):
                 stage1_llama=stage1_dirs["llama"], stage2=stage2, vocab=vocab)
 
 
-@pytest.fixture
-def captured_logs(monkeypatch):
-    """Every dict the trainer logs (loss, orth_loss, ...), in order."""
-    logs: list[dict] = []
-    original = train_mod._trainer_class
-
-    def patched():
-        cls = original()
-
-        class Capturing(cls):
-            def log(self, values, start_time=None):
-                super().log(values, start_time)
-                logs.append(dict(values))
-
-        return Capturing
-
-    monkeypatch.setattr(train_mod, "_trainer_class", patched)
-    return logs
-
-
 def run(argv) -> int:
     torch.manual_seed(0)  # stage 2's fresh alignment A is drawn before the Trainer seeds itself
     return train_mod.main([str(a) for a in argv])

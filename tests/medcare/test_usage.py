@@ -292,30 +292,13 @@ def env(tmp_path_factory, chatml_tokenizer):
     return dict(base=base, data=data, real_tokens=real)
 
 
-@pytest.fixture
-def logged(monkeypatch):
-    logs: list[dict] = []
-    original = train_mod._trainer_class
-
-    def patched():
-        class Capturing(original()):
-            def log(self, values, start_time=None):
-                super().log(values, start_time)
-                logs.append(dict(values))
-
-        return Capturing
-
-    monkeypatch.setattr(train_mod, "_trainer_class", patched)
-    return logs
-
-
 def stage1(env, out, *extra) -> int:
     torch.manual_seed(0)
     return train_mod.main(["stage1", "--model", env["base"], "--data", env["data"], "--output", str(out), *QUIET,
                            *map(str, extra)])
 
 
-def test_a_stage1_run_leaves_its_usage_report_and_heatmap(env, tmp_path, logged, capsys):
+def test_a_stage1_run_leaves_its_usage_report_and_heatmap(env, tmp_path, captured_logs, capsys):
     out = tmp_path / "s1"
     assert stage1(env, out, "--num_train_epochs", "2", "--save_strategy", "no") == 0
     printed = capsys.readouterr().out
@@ -329,7 +312,7 @@ def test_a_stage1_run_leaves_its_usage_report_and_heatmap(env, tmp_path, logged,
         assert entry["tokens"] == 2 * env["real_tokens"]
         assert sum(entry["counts"]) == K * entry["tokens"]
     assert "expert load balance" in printed and "layer   1: cv" in printed
-    steps = [entry for entry in logged if "loss" in entry and "train_loss" not in entry]
+    steps = [entry for entry in captured_logs if "loss" in entry and "train_loss" not in entry]
     assert steps and all("expert_load_cv" in entry and "router_aux_loss" not in entry for entry in steps)
     assert steps[-1]["expert_load_cv"] == pytest.approx(report["summary"]["mean_cv"], abs=1e-4)
 
@@ -354,13 +337,13 @@ def test_resumed_counts_continue_from_the_checkpoint(env, tmp_path):
         assert got["modules"][name]["pairs"] == entry["pairs"]
 
 
-def test_the_aux_loss_flag_balances_the_routers(env, tmp_path, logged):
+def test_the_aux_loss_flag_balances_the_routers(env, tmp_path, captured_logs):
     """A strong load-balancing loss (and nothing else changed) lowers the load cv of the run."""
     def last_cv(out, *flags) -> tuple[float, list[dict]]:
-        logged.clear()
+        captured_logs.clear()
         assert stage1(env, out, "--num_train_epochs", "6", "--save_strategy", "no", "--learning_rate", "5e-2",
                       *flags) == 0
-        return usage.read_report(str(out)), [e for e in logged if "loss" in e and "train_loss" not in e]
+        return usage.read_report(str(out)), [e for e in captured_logs if "loss" in e and "train_loss" not in e]
 
     plain, plain_logs = last_cv(tmp_path / "plain")
     balanced, logs = last_cv(tmp_path / "balanced", "--router_aux_loss_coef", "5")

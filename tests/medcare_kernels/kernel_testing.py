@@ -115,6 +115,27 @@ def unreverse(grads, din_positions):
     return [g.flip(-1) if (g is not None and i in din_positions) else g for i, g in enumerate(grads)]
 
 
+# molora_linear's arguments: their names, the ones that train, and the ones with a Din axis.
+MOLORA_NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "lora_a", "lora_b")
+MOLORA_TRAINABLE = (0, 3, 4, 5, 6)   # weight and bias stay frozen, as in training
+MOLORA_DIN_POSITIONS = (0, 1, 3, 5)  # x, weight, router_weight, lora_a
+
+
+def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_positions, names):
+    """DESIGN §5 on y and every trainable gradient: `fused` on `base` cast to `dtype` against the same-dtype
+    reference (also with the Din reductions reversed) and the float64 reference. Returns fused's gradients."""
+    y, grads, g = run_with_grads(fused, leaves(base, dtype=dtype, trainable=trainable))
+    y_ref, grads_ref, _ = run_with_grads(ref, leaves(base, dtype=dtype, trainable=trainable), g)
+    rev_in = reversed_reduction(leaves(base, dtype=dtype, trainable=trainable), din_positions)
+    y_rev, grads_rev, _ = run_with_grads(ref, rev_in, g)
+    grads_rev = unreverse(grads_rev, din_positions)
+    y_true, grads_true, _ = run_with_grads(ref, leaves(base, trainable=trainable), g)
+    assert_within_rule("y", y, (y_ref, y_rev), y_true)
+    for i in trainable:
+        assert_within_rule(f"d {names[i]}", grads[i], (grads_ref[i], grads_rev[i]), grads_true[i])
+    return grads
+
+
 def call_backend(backend: str, fn, *args, **kwargs):
     with mk.use_backend(backend):
         return fn(*args, **kwargs)

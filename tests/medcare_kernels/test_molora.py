@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import (
+    MOLORA_DIN_POSITIONS,
+    MOLORA_NAMES,
     MOLORA_SHAPES,
+    MOLORA_TRAINABLE,
+    assert_matches_reference,
     assert_within_rule,
     backends_for,
     call_backend,
@@ -22,9 +26,7 @@ from medcare_kernels import reference
 BACKENDS = backends_for("molora_linear")
 # The Triton backend's GEMM paths: `auto` is the fused Triton GEMM under the interpreter, cuBLAS on a GPU.
 BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", "cublas")] * ("triton" in BACKENDS)
-NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "lora_a", "lora_b")
-TRAINABLE = (0, 3, 4, 5, 6)   # weight and bias stay frozen, as in training
-DIN_POSITIONS = (0, 1, 3, 5)  # x, weight, router_weight, lora_a: the tensors with a Din axis
+NAMES, TRAINABLE, DIN_POSITIONS = MOLORA_NAMES, MOLORA_TRAINABLE, MOLORA_DIN_POSITIONS
 
 
 def _kw(E, K, R, dropout=0.0):
@@ -37,18 +39,9 @@ def _kw(E, K, R, dropout=0.0):
 def test_molora_matches_reference(backend, T, d_in, d_out, E, K, R, Rs, dtype):
     base = molora_inputs(T, d_in, d_out, E, R, Rs, dtype=torch.float64)
     kw = _kw(E, K, R)
-    fused_in = leaves(base, dtype=dtype, trainable=TRAINABLE)
-    ref_in = leaves(base, dtype=dtype, trainable=TRAINABLE)
-    truth_in = leaves(base, trainable=TRAINABLE)
-    y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw), fused_in)
-    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), ref_in, g)
-    rev_in = reversed_reduction(leaves(base, dtype=dtype, trainable=TRAINABLE), DIN_POSITIONS)
-    y_rev, grads_rev, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), rev_in, g)
-    grads_rev = unreverse(grads_rev, DIN_POSITIONS)
-    y_true, grads_true, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), truth_in, g)
-    assert_within_rule("y", y, (y_ref, y_rev), y_true)
-    for i in TRAINABLE:
-        assert_within_rule(f"d {NAMES[i]}", grads[i], (grads_ref[i], grads_rev[i]), grads_true[i])
+    grads = assert_matches_reference(lambda *t: call_backend(backend, mk.molora_linear, *t, **kw),
+                                     lambda *t: reference.molora_linear(*t, **kw), base, dtype=dtype,
+                                     trainable=TRAINABLE, din_positions=DIN_POSITIONS, names=NAMES)
     assert grads[1] is None and grads[2] is None
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import (
-    assert_within_rule,
+    MOLORA_DIN_POSITIONS,
+    MOLORA_NAMES,
+    MOLORA_TRAINABLE,
+    assert_matches_reference,
     leaves,
     lora_inputs,
     molora_inputs,
-    reversed_reduction,
     run_with_grads,
-    unreverse,
 )
 
 import medcare_kernels as mk
@@ -22,9 +23,7 @@ from medcare_kernels import reference
 
 pytestmark = pytest.mark.gpu
 
-TRAINABLE = (0, 3, 4, 5, 6)
-DIN_POSITIONS = (0, 1, 3, 5)
-NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "lora_a", "lora_b")
+TRAINABLE, DIN_POSITIONS, NAMES = MOLORA_TRAINABLE, MOLORA_DIN_POSITIONS, MOLORA_NAMES
 # (T, Din, Dout, E, K, R, Rs): a Qwen-like slice at real token counts, plus odd sizes that miss every tile.
 GPU_MOLORA = [(4096, 1024, 2752, 8, 2, 16, 32), (1000, 77, 130, 8, 2, 16, 32), (37, 512, 300, 3, 3, 8, 0),
               (1, 256, 128, 1, 1, 16, 16), (777, 2752, 1024, 8, 2, 16, 32)]
@@ -49,20 +48,14 @@ def test_molora_triton_gpu_matches_reference(monkeypatch, gemm, T, d_in, d_out, 
     monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = molora_inputs(T, d_in, d_out, E, R, Rs, dtype=torch.float64, device="cuda")
     kw = _kw(E, K, R)
-    fused_in = leaves(base, dtype=dtype, trainable=TRAINABLE)
-    _poison_allocator()
-    with mk.use_backend("triton"):
-        y, grads, g = run_with_grads(lambda *t: mk.molora_linear(*t, **kw), fused_in)
-    ref_in = leaves(base, dtype=dtype, trainable=TRAINABLE)
-    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), ref_in, g)
-    rev_in = reversed_reduction(leaves(base, dtype=dtype, trainable=TRAINABLE), DIN_POSITIONS)
-    y_rev, grads_rev, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), rev_in, g)
-    grads_rev = unreverse(grads_rev, DIN_POSITIONS)
-    truth_in = leaves(base, trainable=TRAINABLE)
-    y_true, grads_true, _ = run_with_grads(lambda *t: reference.molora_linear(*t, **kw), truth_in, g)
-    assert_within_rule("y", y, (y_ref, y_rev), y_true)
-    for i in TRAINABLE:
-        assert_within_rule(f"d {NAMES[i]}", grads[i], (grads_ref[i], grads_rev[i]), grads_true[i])
+
+    def fused(*t):
+        _poison_allocator()
+        with mk.use_backend("triton"):
+            return mk.molora_linear(*t, **kw)
+
+    assert_matches_reference(fused, lambda *t: reference.molora_linear(*t, **kw), base, dtype=dtype,
+                             trainable=TRAINABLE, din_positions=DIN_POSITIONS, names=NAMES)
 
 
 @pytest.mark.parametrize("gemm", GEMM_PATHS)
@@ -71,22 +64,15 @@ def test_molora_triton_gpu_matches_reference(monkeypatch, gemm, T, d_in, d_out, 
 def test_lora_triton_gpu_matches_reference(monkeypatch, gemm, T, d_in, d_out, R, dtype):
     monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = lora_inputs(T, d_in, d_out, R, dtype=torch.float64, device="cuda")
-    trainable = (0, 3, 4)
-    _poison_allocator()
-    with mk.use_backend("triton"):
-        y, grads, g = run_with_grads(lambda *t: mk.lora_linear(*t, scaling=2.0), leaves(base, dtype=dtype,
-                                                                                         trainable=trainable))
-    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.lora_linear(*t, scaling=2.0),
-                                         leaves(base, dtype=dtype, trainable=trainable), g)
-    rev = (0, 1, 3)
-    y_rev, grads_rev, _ = run_with_grads(lambda *t: reference.lora_linear(*t, scaling=2.0),
-                                         reversed_reduction(leaves(base, dtype=dtype, trainable=trainable), rev), g)
-    grads_rev = unreverse(grads_rev, rev)
-    y_true, grads_true, _ = run_with_grads(lambda *t: reference.lora_linear(*t, scaling=2.0),
-                                           leaves(base, trainable=trainable), g)
-    assert_within_rule("y", y, (y_ref, y_rev), y_true)
-    for i in trainable:
-        assert_within_rule(f"grad {i}", grads[i], (grads_ref[i], grads_rev[i]), grads_true[i])
+
+    def fused(*t):
+        _poison_allocator()
+        with mk.use_backend("triton"):
+            return mk.lora_linear(*t, scaling=2.0)
+
+    assert_matches_reference(fused, lambda *t: reference.lora_linear(*t, scaling=2.0), base, dtype=dtype,
+                             trainable=(0, 3, 4), din_positions=(0, 1, 3),
+                             names=("x", "weight", "bias", "lora_a", "lora_b"))
 
 
 def _molora_step(inputs, kw):
