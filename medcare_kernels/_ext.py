@@ -10,6 +10,11 @@ pytorch/extension-cpp: `register_fake` (shapes for torch.compile / meta tensors)
     orth_penalty(a_base, a_orth) -> (loss, signs)         backward: orth_penalty_backward(grad, signs, ...), one
                                                                      launch writing every gradient on CUDA
 
+The `ext` backend calls the ops inside plain autograd.Functions (_RouteTopK, _OrthPenalty) rather than through
+the registered autograd, whose per-call Python work (pytree over the tensor lists) is larger than the kernels'
+device time; both routes run the same forward and backward ops, and torch.compile traces either. The
+orth_penalty backward returns each side's gradients as views of one allocation (one allocator call, not 168).
+
 Limits of the CUDA kernels: E <= 64 experts, top_k <= 8, adapter ranks <= 64 (the CPU implementations have
 none). Beyond them `auto` runs the torch backend and an explicit `ext` raises BackendUnavailableError.
 float64 runs natively (fp64 accumulation); pairs of mixed dtypes are cast to one accumulation dtype first
@@ -70,9 +75,13 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("medcare::orth_penalty_backward")
     def _orth_penalty_backward_fake(grad, signs, a_base, a_orth, need_base, need_orth):
-        d_base = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in a_base] if need_base else []
-        d_orth = [torch.empty_like(b, memory_format=torch.contiguous_format) for b in a_orth] if need_orth else []
-        return d_base, d_orth
+        return (_flat_like(a_base) if need_base else []), (_flat_like(a_orth) if need_orth else [])
+
+
+def _flat_like(tensors):
+    """As the C++ impls: one side's gradients are views of one allocation (csrc/orth_penalty.cpp flat_like)."""
+    flat = tensors[0].new_empty((sum(t.numel() for t in tensors),))
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
 def _route_topk_setup(ctx, inputs, output):
@@ -112,6 +121,50 @@ def _orth_penalty_backward(ctx, grad, _d_signs):
             else [None] * n)
 
 
+class _RouteTopK(torch.autograd.Function):
+    """The ext backend's eager path: the ops' own registered autograd (above) serves callers of
+    torch.ops.medcare.* directly; the backend calls the op inside a plain autograd.Function, which skips that
+    wrapper's per-call Python work (at microseconds of kernel time, host work is what a call costs)."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k):
+        gates, indices, stats = torch.ops.medcare.route_topk(logits, top_k)
+        ctx.save_for_backward(logits, indices, stats)
+        ctx.mark_non_differentiable(indices)
+        return gates, indices
+
+    @staticmethod
+    def backward(ctx, d_gates, _d_indices):
+        logits, indices, stats = ctx.saved_tensors
+        d_gates = d_gates.to(stats.dtype).contiguous()
+        return torch.ops.medcare.route_topk_backward(d_gates, logits, indices, stats), None
+
+
+class _OrthPenalty(torch.autograd.Function):
+    """As _RouteTopK, and more so: the registered autograd of an op with tensor-list arguments flattens and
+    rebuilds both lists (168 tensors for a 7B model) through pytree on every call; here the parameters travel
+    as varargs, so autograd sees each one directly."""
+
+    @staticmethod
+    def forward(ctx, n_pairs, *tensors):
+        loss, signs = torch.ops.medcare.orth_penalty(list(tensors[:n_pairs]), list(tensors[n_pairs:]))
+        ctx.n_pairs = n_pairs
+        ctx.save_for_backward(*tensors, signs)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, saved = ctx.n_pairs, ctx.saved_tensors
+        wants = ctx.needs_input_grad[1:]
+        need_base, need_orth = any(wants[:n]), any(wants[n:])
+        if not (need_base or need_orth):
+            return (None,) * (2 * n + 1)
+        d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], list(saved[:n]),
+                                                                 list(saved[n:2 * n]), need_base, need_orth)
+        grads = (d_base if need_base else [None] * n) + (d_orth if need_orth else [None] * n)
+        return (None, *(g if want else None for g, want in zip(grads, wants, strict=True)))
+
+
 def _beyond_kernel_limits(op: str, why: str):
     """Under `auto` the torch backend takes over; an explicit `ext` request says why it cannot."""
     if _backend.current_backend() == "ext":
@@ -125,8 +178,7 @@ def route_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Te
         _beyond_kernel_limits("route_topk", f"E = {logits.shape[-1]} (max {MAX_EXPERTS}), top_k = {top_k} "
                                             f"(max {MAX_TOP_K})")
         return routing_torch.route_topk(logits, top_k)
-    gates, indices, _ = torch.ops.medcare.route_topk(logits, top_k)
-    return gates, indices
+    return _RouteTopK.apply(logits, top_k)
 
 
 def orth_penalty(a_base: list[torch.Tensor], a_orth: list[torch.Tensor]) -> torch.Tensor:
@@ -140,7 +192,7 @@ def orth_penalty(a_base: list[torch.Tensor], a_orth: list[torch.Tensor]) -> torc
         if rank > MAX_ORTH_RANK:
             _beyond_kernel_limits("orth_penalty", f"rank {rank} > {MAX_ORTH_RANK}")
             return orth_penalty_torch.orth_penalty(a_base, a_orth)
-    return torch.ops.medcare.orth_penalty(a_base, a_orth)[0]
+    return _OrthPenalty.apply(len(a_base), *a_base, *a_orth)
 
 
 if HAS_EXT:

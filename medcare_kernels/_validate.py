@@ -117,6 +117,15 @@ def check_route_topk(logits, top_k) -> None:
         _fail(op, f"top_k must be <= E = logits.shape[-1] = {logits.shape[-1]}, got {top_k}")
 
 
+def _pairs_look_valid(a_base: Sequence, a_orth: Sequence) -> bool:
+    """Every check of the loop in check_orth_penalty, without building a message per tensor (the penalty is
+    called every step over ~170 tensors, and this runs before a kernel of a few dozen microseconds)."""
+    dev = a_base[0].device if isinstance(a_base[0], torch.Tensor) else None
+    return all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype in _FLOATS
+               and b.dtype in _FLOATS and a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1]
+               and a.device == dev and b.device == dev for a, b in zip(a_base, a_orth, strict=True))
+
+
 def check_orth_penalty(a_base: Sequence, a_orth: Sequence) -> None:
     op = "orth_penalty"
     for name, seq in (("a_base", a_base), ("a_orth", a_orth)):
@@ -126,6 +135,8 @@ def check_orth_penalty(a_base: Sequence, a_orth: Sequence) -> None:
         _fail(op, f"a_base and a_orth must pair up, got {len(a_base)} and {len(a_orth)} tensors")
     if not a_base:
         _fail(op, "a_base and a_orth are empty; expected at least one (A_base, A_orth) pair")
+    if _pairs_look_valid(a_base, a_orth):
+        return  # the common case in one cheap pass; the loop below finds and names what is wrong
     for i, (a, b) in enumerate(zip(a_base, a_orth, strict=True)):
         _tensor(op, f"a_base[{i}]", a)
         _tensor(op, f"a_orth[{i}]", b)

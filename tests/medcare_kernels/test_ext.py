@@ -214,6 +214,44 @@ def test_ext_backend_casts_mixed_dtypes_and_keeps_each_gradient_dtype():
     assert a_base[0].grad.dtype == torch.bfloat16 and a_orth[0].grad.dtype == torch.float32
 
 
+def test_ext_backend_orth_gradients_accumulate_and_respect_frozen_sides():
+    """The backend's own autograd.Function: a second backward adds onto the first (each .grad is a view of one
+    buffer per side; accumulating into one must not touch its neighbours), and a frozen side gets nothing."""
+    spec = ORTH_SPECS["mixed-ranks"]
+    a_base, a_orth = _pairs(spec, torch.float32)
+    rb, ro = _copies(a_base), _copies(a_orth)
+    for _ in range(2):
+        call_backend("ext", mk.orth_penalty, a_base, a_orth).backward()
+        reference.orth_penalty(rb, ro).backward()
+    for got, want in zip(a_base + a_orth, rb + ro, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
+    frozen = [t.detach() for t in a_base]
+    call_backend("ext", mk.orth_penalty, frozen, _copies(a_orth)).backward()
+    assert all(t.grad is None for t in frozen)
+
+
+def test_ext_backend_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the backend's autograd.Functions around the ops (fake impls)."""
+    a_base, a_orth = _pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
+    logits = torch.randn(37, 8, requires_grad=True)
+
+    def step(a_base, a_orth, logits):
+        gates, _ = mk.route_topk(logits, 2)
+        return mk.orth_penalty(a_base, a_orth) + (gates * gates).sum()
+
+    with mk.use_backend("ext"):
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        got = compiled(a_base, a_orth, logits)
+        got.backward()
+    rb, ro, rl = _copies(a_base), _copies(a_orth), logits.detach().clone().requires_grad_()
+    want = reference.orth_penalty(rb, ro) + (reference.route_topk(rl, 2)[0] ** 2).sum()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, w in zip([*a_base, *a_orth, logits], [*rb, *ro, rl], strict=True):
+        torch.testing.assert_close(g.grad, w.grad)
+
+
 def test_ext_backend_is_registered_and_auto_prefers_it_on_cuda_only():
     assert set(_backend._registry["ext"]) == {"route_topk", "orth_penalty"}
     assert "available" in mk.available_backends()["ext"]
