@@ -3,7 +3,10 @@
 Rules (so ratios mean something): providers are measured side by side in one process, interleaved
 round-robin after a warm-up, on the same random inputs (never zeros); each record keeps median, min and
 max over the repeats. GPU times come from CUDA events around each call, with the L2 cache flushed and the
-input rotated (untimed) before every call; CPU times from perf_counter. Every provider first has to agree
+input rotated (untimed) before every call; CPU times from perf_counter. On a GPU each record also has the GPU's
+busy time per call (torch.profiler: the summed durations of the call's kernels, copies and memsets). The two
+differ when the host is the bottleneck: a microsecond op called from Python costs its host time in a
+micro-benchmark, but only its busy time inside a training step, where the host runs ahead of the GPU. Every provider first has to agree
 numerically with the others (`agree`) before it is timed.
 
 Memory: the bytes autograd saves for backward (saved_tensors_hooks, storages counted once, inputs and
@@ -49,6 +52,7 @@ class Record:
     min_ms: float | None = None
     max_ms: float | None = None
     repeats: int = 0
+    gpu_busy_ms: float | None = None  # CUDA: median GPU busy time of one call (kernels + copies)
     saved_bytes: int | None = None  # bytes autograd keeps between forward and backward, beyond inputs/params
     peak_bytes: int | None = None   # CUDA: peak allocated during a call above the allocation before it
     rss_bytes: int | None = None    # CPU: resident-set growth observed during a call (sampled)
@@ -67,6 +71,7 @@ class Context:
     warmup: int = 2
     repeats: int = 7
     deadline: float = float("inf")     # time.monotonic() after which no new case starts
+    gpu_busy: bool = True              # CUDA: also profile each provider's GPU busy time
 
     @property
     def dtype_name(self) -> str:
@@ -91,6 +96,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per provider (the median is reported)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds (cases left are recorded as skipped)")
+    ap.add_argument("--no-gpu-busy", action="store_true",
+                    help="skip the profiler pass that measures each call's GPU busy time (CUDA)")
     ap.add_argument("--output", default=RESULTS, help="results go to OUTPUT/<device>/ (default benchmarks/results)")
 
 
@@ -109,7 +116,8 @@ def context_from(args, ap: argparse.ArgumentParser, start: float | None = None) 
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else (7 if args.device == "cuda" else 5))
     start = time.monotonic() if start is None else start
     deadline = start + args.time_budget if args.time_budget else float("inf")
-    return Context(torch.device(args.device), dtype, args.quick, warmup, repeats, deadline)
+    return Context(torch.device(args.device), dtype, args.quick, warmup, repeats, deadline,
+                   gpu_busy=not getattr(args, "no_gpu_busy", False))
 
 
 def environment() -> dict:
@@ -185,6 +193,39 @@ class Timed:
         flush_cache(device)
         sync(device)
         return time_once(self.fn, device)
+
+
+_MARK = "medcare.timed-call"
+
+
+def gpu_busy(call: Timed, device: torch.device, repeats: int) -> float | None:
+    """CUDA: the median over `repeats` calls of the GPU's busy time in one call, in ms: the summed durations of
+    the kernels, copies and memsets it ran (torch.profiler), without host time or idle gaps. None off CUDA or
+    when the profiler saw no device activity (no CUPTI)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            if call.setup is not None:
+                call.setup()
+            flush_cache(device)
+            sync(device)
+            with record_function(_MARK):  # the window closes after the sync: every kernel of the call is inside
+                call.fn()
+                sync(device)
+    return busy_ms(prof.profiler.kineto_results.events())
+
+
+def busy_ms(events) -> float | None:
+    """From profiler (kineto) events: the median over the host-side windows of `_MARK` of the summed durations
+    of the device events that start inside each window (the device's copy of the annotation excluded), in ms;
+    None when no window saw any."""
+    windows = [(e.start_ns(), e.end_ns()) for e in events if e.name() == _MARK and e.device_type().name == "CPU"]
+    work = [(e.start_ns(), e.duration_ns()) for e in events if e.device_type().name != "CPU" and e.name() != _MARK]
+    per = [sum(d for t, d in work if lo <= t <= hi) for lo, hi in sorted(windows)]
+    return statistics.median(per) / 1e6 if any(per) else None
 
 
 class Pool:
@@ -366,10 +407,22 @@ def measure(ctx: Context, suite: str, case: str, shape: dict, cases: dict[str, C
             if why is None:
                 for k, v in summarize(times[name]).items():
                     setattr(rec, k, v)
+                _busy(ctx, rec, c.calls[mode])
                 _memory(ctx, rec, c, mode)
             records.append(rec)
         skipped.update(failed)
     return records
+
+
+def _busy(ctx: Context, rec: Record, call: Timed) -> None:
+    if not (ctx.gpu_busy and ctx.device.type == "cuda"):
+        return
+    try:
+        rec.gpu_busy_ms = gpu_busy(call, ctx.device, min(ctx.repeats, 3))
+    except Exception as exc:  # noqa: BLE001 - a profiler failure loses this column, not the run
+        if is_oom(exc):
+            free(ctx.device)
+        rec.extra["gpu_busy"] = f"not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
 def _memory(ctx: Context, rec: Record, c: Case, mode: str) -> None:
@@ -499,18 +552,25 @@ def ratio_table(records: list[Record]) -> str:
     out = []
     for (case, shape), recs in groups.items():
         rate = any("tokens_per_s" in r.extra for r in recs.values())
+        busy = any(r.gpu_busy_ms is not None for r in recs.values())
         mem = "peak" if any(r.peak_bytes is not None for r in recs.values()) else "RSS growth"
         out += [f"**{case}** {shape}", "",
                 "| mode | provider | median | min..max | x base | vs naive-peft | vs naive-medcare |"
+                + (" GPU busy | busy x base | busy vs naive-peft |" if busy else "")
                 + (" tokens/s |" if rate else "") + f" saved for bwd | {mem} |",
-                "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if rate else "") + "---:|---:|"]
+                "|---|---|---:|---:|---:|---:|---:|" + ("---:|" * 3 if busy else "") + ("---:|" if rate else "")
+                + "---:|---:|"]
         for (mode, name), r in recs.items():
             if r.skipped:
-                out.append(f"| {mode} | {name} | skipped: {r.skipped} |" + " |" * (7 if rate else 6))
+                out.append(f"| {mode} | {name} | skipped: {r.skipped} |" + " |" * (6 + 3 * busy + rate))
                 continue
             cols = [mode, name, fmt_ms(r.median_ms), f"{fmt_ms(r.min_ms)}..{fmt_ms(r.max_ms)}",
                     _ratio(r, recs.get((mode, FLOOR)), "x"), _ratio(r, recs.get((mode, NAIVE)), "faster"),
                     _ratio(r, recs.get((mode, ORIGINAL)), "faster")]
+            if busy:
+                cols += ["-" if r.gpu_busy_ms is None else fmt_ms(r.gpu_busy_ms),
+                         _ratio(r, recs.get((mode, FLOOR)), "x", "gpu_busy_ms"),
+                         _ratio(r, recs.get((mode, NAIVE)), "faster", "gpu_busy_ms")]
             if rate:
                 cols.append(f"{r.extra['tokens_per_s']:,.0f}" if "tokens_per_s" in r.extra else "-")
             cols += [fmt_bytes(r.saved_bytes), fmt_bytes(r.peak_bytes if r.peak_bytes is not None else r.rss_bytes)]
@@ -519,10 +579,11 @@ def ratio_table(records: list[Record]) -> str:
     return "\n".join(out)
 
 
-def _ratio(r: Record, other: Record | None, kind: str) -> str:
-    if other is None or other.median_ms is None:
+def _ratio(r: Record, other: Record | None, kind: str, field_name: str = "median_ms") -> str:
+    mine, theirs = getattr(r, field_name), getattr(other, field_name, None)
+    if mine is None or theirs is None or mine <= 0 or theirs <= 0:
         return "-"
-    return f"{r.median_ms / other.median_ms:.2f}x" if kind == "x" else f"{other.median_ms / r.median_ms:.2f}x"
+    return f"{mine / theirs:.2f}x" if kind == "x" else f"{theirs / mine:.2f}x"
 
 
 def plot(records: list[Record], path: str, title: str) -> bool:

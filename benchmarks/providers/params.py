@@ -117,18 +117,19 @@ class OrthParams:
     """The stage-2 A matrices of a model: per (layer, projection) the knowledge A and the alignment A."""
 
     names: list[str]              # "model.layers.{l}.mlp.{proj}"
-    a_base: list[torch.Tensor]    # [Rk, Din_i] fp32, the knowledge LoRA's A
-    a_orth: list[torch.Tensor]    # [Ra, Din_i] fp32, the alignment LoRA's A
+    a_base: list[torch.Tensor]    # [Rk, Din_i] (fp32 unless asked), the knowledge LoRA's A
+    a_orth: list[torch.Tensor]    # [Ra, Din_i], the alignment LoRA's A
 
     @classmethod
-    def random(cls, layers: int, hidden: int, inter: int, rank: int, *, device, seed=0) -> OrthParams:
+    def random(cls, layers: int, hidden: int, inter: int, rank: int, *, device, seed=0,
+               dtype: torch.dtype = torch.float32) -> OrthParams:
         g = _gen(seed)
         names, base, orth = [], [], []
         for layer in range(layers):
             for proj, d_in in (("gate_proj", hidden), ("up_proj", hidden), ("down_proj", inter)):
                 names.append(f"model.layers.{layer}.mlp.{proj}")
-                base.append(_rnd(g, rank, d_in, std=d_in**-0.5, dtype=torch.float32, device=device))
-                orth.append(_rnd(g, rank, d_in, std=d_in**-0.5, dtype=torch.float32, device=device))
+                base.append(_rnd(g, rank, d_in, std=d_in**-0.5, dtype=dtype, device=device))
+                orth.append(_rnd(g, rank, d_in, std=d_in**-0.5, dtype=dtype, device=device))
         return cls(names, base, orth)
 
     def tensors(self) -> list[torch.Tensor]:

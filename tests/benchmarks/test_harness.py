@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 
 import pytest
 import torch
@@ -63,6 +64,53 @@ def test_ratio_table_reports_ratios_and_skips():
     row = next(line for line in table.splitlines() if "medcare-torch" in line)
     assert "| 2.00x | 2.00x |" in row and "2.0 KiB" in row
     assert "skipped: out of memory: x" in table
+
+
+class _Event:
+    """What busy_ms reads of a kineto event."""
+
+    def __init__(self, name, device, start, dur):
+        self._n, self._d, self._s, self._dur = name, types.SimpleNamespace(name=device), start, dur
+
+    def name(self):
+        return self._n
+
+    def device_type(self):
+        return self._d
+
+    def start_ns(self):
+        return self._s
+
+    def end_ns(self):
+        return self._s + self._dur
+
+    def duration_ns(self):
+        return self._dur
+
+
+def test_busy_ms_sums_device_work_inside_each_timed_window():
+    mark = harness._MARK
+    events = [_Event("flush", "CUDA", 0, 900_000),                     # before the first window: not counted
+              _Event(mark, "CPU", 1_000_000, 1_000_000), _Event(mark, "CUDA", 1_000_100, 500_000),
+              _Event("gemm", "CUDA", 1_100_000, 300_000), _Event("copy", "CUDA", 1_500_000, 100_000),
+              _Event("aten::mm", "CPU", 1_050_000, 50_000),               # host work: not counted
+              _Event(mark, "CPU", 3_000_000, 1_000_000), _Event("gemm", "CUDA", 3_100_000, 200_000),
+              _Event(mark, "CPU", 5_000_000, 1_000_000), _Event("gemm", "CUDA", 5_100_000, 600_000)]
+    assert harness.busy_ms(events) == pytest.approx(0.4)  # median of 0.4, 0.2 and 0.6 ms
+    assert harness.busy_ms([_Event(mark, "CPU", 0, 10)]) is None
+    assert harness.gpu_busy(harness.Timed(lambda: None), CPU, 3) is None
+
+
+def test_ratio_table_adds_gpu_busy_columns_when_measured():
+    r = dict(suite="s", case="c", shape={"T": 1}, mode="fwd", measured="m", repeats=3, min_ms=1.0, max_ms=9.0)
+    recs = [harness.Record(provider="base", median_ms=1.0, gpu_busy_ms=0.5, **r),
+            harness.Record(provider="naive-peft", median_ms=8.0, gpu_busy_ms=2.0, **r),
+            harness.Record(provider="medcare-ext", median_ms=4.0, gpu_busy_ms=0.25, **r)]
+    table = harness.ratio_table(recs)
+    assert "| GPU busy | busy x base | busy vs naive-peft |" in table
+    row = next(line for line in table.splitlines() if "medcare-ext" in line)
+    assert "| 250.0 µs | 0.50x | 8.00x |" in row
+    assert "GPU busy" not in harness.ratio_table([harness.Record(provider="base", median_ms=1.0, **r)])
 
 
 def test_run_all_quick_writes_every_suite(tmp_path, capsys):
