@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU machine's run (device tool), in order of value, each step time-boxed: install with the CUDA
-# extension (verbose log), GPU tests with short tracebacks, then every benchmark suite. Logs and a results
-# tarball under $OUT (the tool brings back few files).
+# extension (verbose log), GPU tests with short tracebacks, every benchmark suite, then a per-kernel profile
+# of one MoLoRA projection. Logs and a results tarball under $OUT (the tool brings back few files).
+#   bash scripts/gpu_check.sh                    # all steps (~10 min: one device call at the 600 s limit)
+#   bash scripts/gpu_check.sh tests              # install + GPU tests only; also: bench, profile
 set -uo pipefail
+STEPS="${*:-tests bench profile}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT="${OUT:-/tmp/medcare-gpu}"; RES="$OUT/results"; mkdir -p "$RES"
@@ -12,12 +16,22 @@ timeout 200 python3 -m pip install -v --no-build-isolation --no-deps -e . >"$OUT
 echo "install rc=$? in $((SECONDS - t0)) s"
 grep -E "medcare:|error|Error|FAILED" "$OUT/install.log" | grep -v "^ *warning" | head -25
 python3 -c "import medcare_kernels as mk; print('ext:', mk.available_backends()['ext'])"
+if want tests; then
 t0=$SECONDS
 timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --timeout=90 \
   tests/benchmarks tests/medcare tests/medcare_kernels/test_ext.py tests/medcare_kernels/test_triton_gpu.py \
   tests/medcare_kernels/test_route_topk.py tests/medcare_kernels/test_orth_penalty.py >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
+fi
+if want bench; then
 t0=$SECONDS
 timeout 260 python3 benchmarks/run_all.py --device cuda --time-budget 150 --output "$RES" >"$OUT/run_all.log" 2>&1
 echo "run_all rc=$? in $((SECONDS - t0)) s"; grep -E "agreement|skipped|run_all|Error" "$OUT/run_all.log" | tail -30
+fi
+if want profile; then
+for shape in gate down; do
+  timeout 60 python3 benchmarks/profile_molora.py --shape "$shape" >"$RES/profile_molora_$shape.txt" 2>&1
+  echo "profile $shape rc=$?"; head -25 "$RES/profile_molora_$shape.txt"
+done
+fi
 tar czf "$OUT/results.tgz" -C "$RES" . && echo "results: $(tar tzf "$OUT/results.tgz" | wc -l) files"
