@@ -1,12 +1,16 @@
 """lora_linear, Triton backend: the frozen base GEMM with the low-rank expand beside it.
 
-Forward:   h = drop(x) A^T [T, R] (cuBLAS: a skinny GEMM it runs at bandwidth);
+Forward:   h = drop(x) A^T [T, R]: cuBLAS without dropout (a skinny GEMM it runs at bandwidth); with dropout the
+           Triton shrink kernel of _triton_dropout, which regenerates the mask from a seed while it reads x;
            y = x W^T + b + h (s B)^T: cuBLAS base + in-place addmm, or one Triton GEMM with h/(s B) as a second
            K segment (_triton_gemm.gemm2, MEDCARE_TRITON_GEMM=fused; it lost to cuBLAS on an H100, see there).
-Saved:     x (the caller's tensor), h [T, R] and, with dropout, the RNG state of the draw (the mask is redrawn
-           in backward, never kept): O(T*R) beyond x.
-Backward:  dS = dY (s B) [T, R];  dB = s dY^T h;  dA = dS^T drop(x);
-           dX = dY W + drop'(dS A): one GEMM with dS/A as the second K segment without dropout, else cuBLAS.
+Saved:     x (the caller's tensor), h [T, R] and, with dropout, the seed of the draw (a CPU scalar; the mask is
+           regenerated in backward, never kept): O(T*R) beyond x.
+Backward:  dS = dY (s B) [T, R];  dB = s dY^T h (cuBLAS);
+           without dropout: dA = dS^T x (cuBLAS), dX = dY W + dS A (cuBLAS mm + in-place addmm, or gemm2);
+           with dropout: dA = dS^T drop(x) from one Triton pass over x, dX = dY W (cuBLAS), then
+           dX += drop'(dS A) in place by one Triton pass (the mask regenerated from the seed each time).
+The dropout mask is Triton's Philox draw, not the torch backend's: see _triton_dropout for why and what differs.
 A torch.library custom op with a fake implementation and registered autograd (torch.compile fullgraph works).
 Reference: medcare_kernels.reference.lora_linear.
 """
@@ -15,16 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_keep
-from ._triton_gemm import dropped, flat_input, gemm2, use_fused_gemm
+from . import _triton_dropout
+from ._triton_gemm import flat_input, gemm2, use_fused_gemm
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout):
+def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, seed, dropout):
     """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; lora_a [R, Din]; lora_b [Dout, R] (all in x's dtype);
-    rng_state: the dropout draw's starting state | None -> (y [T, Dout], h [T, R])."""
-    xa, _ = dropped(x, dropout, rng_state, redraw=False)
-    h = xa @ lora_a.t()
+    seed: the dropout draw's seed (int64 CPU scalar) | None -> (y [T, Dout], h [T, R])."""
+    h = _triton_dropout.shrink(x, lora_a, int(seed), dropout) if seed is not None else x @ lora_a.t()
     b_scaled = lora_b * scaling                                        # [Dout, R], tiny
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, h, b_scaled, bias)
@@ -34,14 +37,14 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout):
     return y, h
 
 
-def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout):
+def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, seed, dropout):
     """-> (dx [T, Din], d_lora_a [R, Din], d_lora_b [Dout, R])."""
-    xa, keep = dropped(x, dropout, rng_state, redraw=True)
     ds = dy @ (lora_b * scaling)                                       # [T, R]
     d_lb = (dy.t() @ h).mul_(scaling)                                  # [Dout, R]
-    d_a = ds.t() @ xa                                                  # [R, Din]
-    if keep is not None:
-        return torch.mm(dy, weight).add_(apply_keep(ds @ lora_a, keep, dropout)), d_a, d_lb
+    if seed is not None:
+        d_a = _triton_dropout.wgrad(ds, x, int(seed), dropout)         # [R, Din]
+        return _triton_dropout.dx_add_(torch.mm(dy, weight), ds, lora_a, int(seed), dropout), d_a, d_lb
+    d_a = ds.t() @ x
     dx = gemm2(dy, weight.t(), ds, lora_a.t()) if use_fused_gemm(x.device) else torch.mm(dy, weight).addmm_(ds, lora_a)
     return dx, d_a, d_lb
 
@@ -49,37 +52,37 @@ def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout):
 # ---------------------------------------------------------------------------------------------- custom op + autograd
 @torch.library.custom_op("medcare::lora_triton_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-            lora_b: torch.Tensor, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            lora_b: torch.Tensor, scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return lora_fwd(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout)
+    return lora_fwd(x, weight, bias, lora_a, lora_b, scaling, seed, dropout)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout):
+def _(x, weight, bias, lora_a, lora_b, scaling, seed, dropout):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
 @torch.library.custom_op("medcare::lora_triton_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-            lora_b: torch.Tensor, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            lora_b: torch.Tensor, scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout)
+    return lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, seed, dropout)
 
 
 @_bwd_op.register_fake
-def _(dy, x, h, weight, lora_a, lora_b, scaling, rng_state, dropout):
+def _(dy, x, h, weight, lora_a, lora_b, scaling, seed, dropout):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, rng_state, dropout = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, rng_state)
+    x, weight, bias, lora_a, lora_b, scaling, seed, dropout = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, seed)
     ctx.scaling, ctx.dropout, ctx.has_bias = scaling, dropout, bias is not None
 
 
 def _backward(ctx, dy, _dh):
-    x, h, weight, lora_a, lora_b, rng_state = ctx.saved_tensors
-    dx, d_a, d_lb = _bwd_op(dy.contiguous(), x, h, weight, lora_a, lora_b, ctx.scaling, rng_state, ctx.dropout)
+    x, h, weight, lora_a, lora_b, seed = ctx.saved_tensors
+    dx, d_a, d_lb = _bwd_op(dy.contiguous(), x, h, weight, lora_a, lora_b, ctx.scaling, seed, ctx.dropout)
     need = ctx.needs_input_grad
     d_w = dy.t() @ x if need[1] else None      # the base weight is frozen in training; supported for completeness
     d_b = dy.sum(0) if (need[2] and ctx.has_bias) else None
@@ -93,7 +96,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0):
     """y [..., Dout]; see medcare_kernels.lora_linear."""
     dt = x.dtype
-    x2, state = flat_input(x, dropout)
+    x2, _ = flat_input(x, 0.0)
+    seed = _triton_dropout.draw_seed() if dropout > 0.0 else None
     y, _ = _fwd_op(x2, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt).contiguous(),
-                   lora_b.to(dt).contiguous(), float(scaling), state, float(dropout))
+                   lora_b.to(dt).contiguous(), float(scaling), seed, float(dropout))
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 
 import medcare_kernels as mk
-from medcare_kernels import _backend
+from medcare_kernels import _backend, reference
 
 # Odd shapes on purpose: T=1, Din=77, Dout=130, E=1, K=E, Rs=0 (DESIGN §5).
 # (T, Din, Dout, E, K, R, Rs)
@@ -139,3 +142,24 @@ def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_position
 def call_backend(backend: str, fn, *args, **kwargs):
     with mk.use_backend(backend):
         return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def reference_draws_triton_mask(torch_seed: int):
+    """Inside, medcare_kernels.reference drops the elements the Triton backend drops when its op runs right after
+    torch.manual_seed(torch_seed): that backend regenerates a Philox mask from a seed it draws from torch's CPU
+    generator (ops/_triton_dropout.py), not the torch backend's reference.dropout_keep_mask draw."""
+    from medcare_kernels.ops import _triton_dropout
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        seed = int(_triton_dropout.draw_seed())
+
+    def keep(x, p):
+        if p == 0.0:
+            return None
+        din = x.shape[-1]
+        return _triton_dropout.keep_mask(seed, x.numel() // max(din, 1), din, p, x.device).reshape(x.shape)
+
+    with mock.patch.object(reference, "dropout_keep_mask", keep):
+        yield

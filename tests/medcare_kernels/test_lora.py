@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from kernel_testing import (
@@ -11,6 +13,7 @@ from kernel_testing import (
     call_backend,
     leaves,
     lora_inputs,
+    reference_draws_triton_mask,
     run_with_grads,
 )
 
@@ -55,12 +58,17 @@ def test_lora_gradcheck_float64_3d(backend, dropout):
 
 
 @pytest.mark.parametrize("backend, gemm", BACKEND_GEMM)
-def test_lora_dropout_matches_reference_with_the_same_seed(backend, gemm, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.05, 0.5])
+def test_lora_dropout_matches_reference_with_the_same_seed(backend, gemm, dropout, monkeypatch):
+    """The torch backend drops what the reference drops under one torch seed; the Triton backend regenerates its
+    own (Philox) mask in every kernel that reads drop(x), so the reference is given that mask."""
     monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = lora_inputs(0, 20, 9, 6, dtype=torch.float64, lead=(4, 5))
-    kw = dict(scaling=2.0, dropout=0.05)
+    kw = dict(scaling=2.0, dropout=dropout)
     y, grads, g = run_with_grads(lambda *t: call_backend(backend, mk.lora_linear, *t, **kw), leaves(base), seed=9)
-    y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw), leaves(base), g, seed=9)
+    with reference_draws_triton_mask(9) if backend == "triton" else contextlib.nullcontext():
+        y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw), leaves(base), g, seed=9)
+    assert not torch.equal(y, run_with_grads(lambda *t: reference.lora_linear(*t, scaling=2.0), leaves(base), g)[0])
     torch.testing.assert_close(y, y_ref)
     for i, name in enumerate(NAMES):
         torch.testing.assert_close(grads[i], grads_ref[i], msg=f"d {name}")
@@ -94,3 +102,20 @@ def reference_grad_a(x, w, b, a, bb):
     a2 = a.detach().clone().requires_grad_()
     (2.0 * reference.lora_linear(x.detach(), w, b, a2, bb.detach(), scaling=2.0)).sum().backward()
     return a2.grad
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not available here")
+def test_triton_dropout_mask_is_a_fair_seeded_draw():
+    """The Philox mask the Triton kernels regenerate: keep rate 1-p, the same under one seed, new under another,
+    no repeated rows or columns (the offsets cover the flattened [T, Din] input), and drawn from torch's seed."""
+    from medcare_kernels.ops import _triton_dropout
+
+    keep = _triton_dropout.keep_mask(5, 96, 80, 0.25, torch.device("cpu"))
+    assert abs(keep.float().mean().item() - 0.75) < 0.02
+    assert torch.equal(keep, _triton_dropout.keep_mask(5, 96, 80, 0.25, torch.device("cpu")))
+    assert (keep != _triton_dropout.keep_mask(6, 96, 80, 0.25, torch.device("cpu"))).float().mean() > 0.3
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    torch.manual_seed(3)
+    first = _triton_dropout.draw_seed()
+    torch.manual_seed(3)
+    assert torch.equal(first, _triton_dropout.draw_seed()) and first.dtype == torch.int64 and first.device.type == "cpu"

@@ -12,9 +12,11 @@ from kernel_testing import (
     MOLORA_NAMES,
     MOLORA_TRAINABLE,
     assert_matches_reference,
+    assert_within_rule,
     leaves,
     lora_inputs,
     molora_inputs,
+    reference_draws_triton_mask,
     run_with_grads,
 )
 
@@ -73,6 +75,30 @@ def test_lora_triton_gpu_matches_reference(monkeypatch, gemm, T, d_in, d_out, R,
     assert_matches_reference(fused, lambda *t: reference.lora_linear(*t, scaling=2.0), base, dtype=dtype,
                              trainable=(0, 3, 4), din_positions=(0, 1, 3),
                              names=("x", "weight", "bias", "lora_a", "lora_b"))
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_triton_gpu_dropout_matches_reference_under_its_mask(dropout, dtype):
+    """The Philox-dropout kernels (shrink, wgrad, dx_add) at a real size against the reference given their mask."""
+    base = lora_inputs(4096, 1024, 2752, 64, dtype=torch.float64, device="cuda")
+    kw = dict(scaling=2.0, dropout=dropout)
+
+    def fused(*t):
+        _poison_allocator()
+        with mk.use_backend("triton"):
+            return mk.lora_linear(*t, **kw)
+
+    trainable = (0, 3, 4)
+    y, grads, g = run_with_grads(fused, leaves(base, dtype=dtype, trainable=trainable))
+    with reference_draws_triton_mask(1234):
+        y_ref, grads_ref, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw),
+                                             leaves(base, dtype=dtype, trainable=trainable), g)
+        y_true, grads_true, _ = run_with_grads(lambda *t: reference.lora_linear(*t, **kw),
+                                               leaves(base, trainable=trainable), g)
+    assert_within_rule("y", y, y_ref, y_true)
+    for i, name in zip(trainable, ("x", "lora_a", "lora_b"), strict=True):
+        assert_within_rule(f"d {name}", grads[i], grads_ref[i], grads_true[i])
 
 
 def _molora_step(inputs, kw):

@@ -1,0 +1,170 @@
+"""Dropout on the adapters' input, fused into the skinny kernels that read it (Triton backend of lora_linear).
+
+The mask is never stored: keep[t, d] = U(seed, t * Din + d) >= p, U being Triton's Philox stream (tl.rand) under
+one seed per call, and every kernel that needs drop(x) regenerates the bits it reads:
+
+    shrink(x, A)        h = drop(x) A^T                [T, R]    one pass over x
+    wgrad(dS, x)        dA = dS^T drop(x)              [R, Din]  one pass over x; fp32 partials per token split,
+                                                                 summed afterwards (deterministic, no atomics)
+    dx_add_(dX, dS, A)  dX += drop'(dS A)              [T, Din]  in place: one read and one write of dX
+
+Why: the torch-RNG draw (reference.dropout_keep_mask) writes and reads a [T, Din] fp32 uniform tensor, a bool
+mask and a dropped copy of x, in the forward and again in the backward, and the masked input gradient costs
+three more [T, Din] passes: about 1.3 GB at T=8192, Din=4096 in bf16, 0.4 ms of an H100's bandwidth per
+projection. Here the extra traffic is the one read of x in each of shrink and wgrad and one read-modify-write of
+dX. drop(x) is scaled by 1/(1-p) in fp32, after the dot (the reference rounds x/(1-p) to x's dtype first).
+
+The draw is not the torch backend's (Philox in Triton vs torch's generator), so the two backends drop different
+elements under one torch seed; `keep_mask` materialises this one for tests. The seed comes from torch's CPU
+generator (`draw_seed`: torch.manual_seed reproduces it, and drawing it never synchronises with a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_gemm import INTERPRET, dot_flags, mma
+
+# Token rows and Din columns per program: small under the interpreter (it runs every program in Python).
+BLOCK_T = 16 if INTERPRET else 32
+BLOCK_D = 32 if INTERPRET else 128
+WGRAD_BLOCK_T = 16 if INTERPRET else 64
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def draw_seed() -> torch.Tensor:
+    """One call's dropout seed: an int64 CPU scalar from torch's default CPU generator."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+@triton.jit
+def _keep(seed, rows, cols, DIN, p):
+    """The keep bits of rows x cols: one Philox draw per element of the flattened [T, DIN] input (64-bit offsets,
+    so T * DIN may exceed 2^32)."""
+    return tl.rand(seed, rows[:, None].to(tl.int64) * DIN + cols[None, :]) >= p
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _mask_kernel(out_ptr, T, DIN, seed, p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = (rows < T)[:, None] & (cols < DIN)[None, :]
+    tl.store(out_ptr + rows[:, None] * DIN + cols[None, :], _keep(seed, rows, cols, DIN, p).to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, DIN, R, s_xt, seed, p, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    r = tl.arange(0, R_PAD)
+    t_ok, r_ok = rows < T, r < R
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
+    for d0 in range(0, DIN, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DIN
+        x = tl.load(x_ptr + rows[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.where(_keep(seed, rows, d, DIN, p), x, tl.zeros_like(x))
+        a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = mma(x, tl.trans(a), acc, IEEE, UPCAST)
+    tl.store(h_ptr + rows[:, None] * R + r[None, :], (acc * scale).to(h_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, T, DIN, R, s_xt, T_PER_SPLIT, seed, p, scale, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                  R_PAD: tl.constexpr):
+    # Program (Din block, token split): dS^T drop(x) over its tokens into fp32 partials [SPLIT, R, DIN].
+    pid_d, split = tl.program_id(0), tl.program_id(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r = tl.arange(0, R_PAD)
+    d_ok, r_ok = d < DIN, r < R
+    acc = tl.zeros((R_PAD, BLOCK_D), dtype=ACC)
+    t_start = split * T_PER_SPLIT
+    t_end = tl.minimum(t_start + T_PER_SPLIT, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < t_end
+        x = tl.load(x_ptr + t[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.where(_keep(seed, t, d, DIN, p), x, tl.zeros_like(x))
+        ds_t = tl.load(ds_ptr + t[None, :] * R + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        acc = mma(ds_t, x, acc, IEEE, UPCAST)
+    tl.store(out_ptr + split * R * DIN + r[:, None] * DIN + d[None, :], acc * scale,
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, T, DIN, R, s_dxt, seed, p, scale, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   R_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r = tl.arange(0, R_PAD)
+    t_ok, d_ok, r_ok = rows < T, d < DIN, r < R
+    ds = tl.load(ds_ptr + rows[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    upd = mma(ds, a, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), IEEE, UPCAST)
+    upd = tl.where(_keep(seed, rows, d, DIN, p), upd * scale, 0.0)
+    ptrs = dx_ptr + rows[:, None] * s_dxt + d[None, :]
+    ok = t_ok[:, None] & d_ok[None, :]
+    tl.store(ptrs, (tl.load(ptrs, mask=ok, other=0.0).to(ACC) + upd).to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def keep_mask(seed: int, t: int, din: int, p: float, device: torch.device) -> torch.Tensor:
+    """The keep mask [T, Din] (bool) the kernels regenerate under `seed`: for tests and diagnostics only."""
+    out = torch.empty(t, din, dtype=torch.int8, device=device)
+    if out.numel():
+        _mask_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, BLOCK_D))](out, t, din, seed, p, BLOCK_T=BLOCK_T,
+                                                                           BLOCK_D=BLOCK_D)
+    return out.bool()
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """x [T, Din] (unit stride along Din); a [R, Din] contiguous, x's dtype -> h = drop(x) a^T [T, R]."""
+    t, din = x.shape
+    r = a.shape[0]
+    h = torch.empty(t, r, dtype=x.dtype, device=x.device)
+    if h.numel():
+        _shrink_kernel[(triton.cdiv(t, BLOCK_T),)](x, a, h, t, din, r, x.stride(0), seed, p, 1.0 / (1.0 - p),
+                                                   **dot_flags(x.dtype), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+                                                   R_PAD=_pad(r))
+    elif t:
+        h.zero_()
+    return h
+
+
+def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """ds [T, R] contiguous; x [T, Din] -> dA = ds^T drop(x) [R, Din] in x's dtype, from one pass over x."""
+    t, din = x.shape
+    r = ds.shape[1]
+    if t == 0 or r == 0:
+        return torch.zeros(r, din, dtype=x.dtype, device=x.device)
+    n_d = triton.cdiv(din, BLOCK_D)
+    sms = 4 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
+    # Enough token splits to fill the machine twice over; each split covers whole token tiles.
+    n_split = max(1, min(triton.cdiv(t, 4 * WGRAD_BLOCK_T), triton.cdiv(2 * sms, n_d)))
+    per = triton.cdiv(triton.cdiv(t, n_split), WGRAD_BLOCK_T) * WGRAD_BLOCK_T
+    n_split = triton.cdiv(t, per)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = torch.empty(n_split, r, din, dtype=acc, device=x.device)
+    _wgrad_kernel[(n_d, n_split)](ds, x, part, t, din, r, x.stride(0), per, seed, p, 1.0 / (1.0 - p),
+                                  **dot_flags(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=BLOCK_D, R_PAD=_pad(r))
+    return part.sum(0).to(x.dtype)
+
+
+def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """dx [T, Din] (unit stride along Din) += drop'(ds a), in place; ds [T, R], a [R, Din] contiguous."""
+    t, din = dx.shape
+    r = ds.shape[1]
+    if t and din and r:
+        _dx_add_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, BLOCK_D))](
+            dx, ds, a, t, din, r, dx.stride(0), seed, p, 1.0 / (1.0 - p), **dot_flags(dx.dtype), BLOCK_T=BLOCK_T,
+            BLOCK_D=BLOCK_D, R_PAD=_pad(r))
+    return dx
