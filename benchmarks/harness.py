@@ -6,8 +6,8 @@ max over the repeats. GPU times come from CUDA events around each call, with the
 input rotated (untimed) before every call; CPU times from perf_counter. On a GPU each record also has the GPU's
 busy time per call (torch.profiler: the summed durations of the call's kernels, copies and memsets). The two
 differ when the host is the bottleneck: a microsecond op called from Python costs its host time in a
-micro-benchmark, but only its busy time inside a training step, where the host runs ahead of the GPU. Every provider first has to agree
-numerically with the others (`agree`) before it is timed.
+micro-benchmark, but only its busy time inside a training step, where the host runs ahead of the GPU.
+Every provider first has to agree numerically with the others (`agree`) before it is timed.
 
 Memory: the bytes autograd saves for backward (saved_tensors_hooks, storages counted once, inputs and
 parameters excluded); on CUDA the peak allocated during one call above what was allocated before it
@@ -422,7 +422,8 @@ def _busy(ctx: Context, rec: Record, call: Timed) -> None:
     except Exception as exc:  # noqa: BLE001 - a profiler failure loses this column, not the run
         if is_oom(exc):
             free(ctx.device)
-        rec.extra["gpu_busy"] = f"not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        rec.extra["gpu_busy"] = f"not measured: {type(exc).__name__}: {first}"
 
 
 def _memory(ctx: Context, rec: Record, c: Case, mode: str) -> None:
