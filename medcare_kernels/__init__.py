@@ -9,6 +9,7 @@
     orth_penalty(a_base, a_orth) -> scalar
     reference               the same functions in plain PyTorch: the math
     use_backend(name)       auto | torch | triton | ext (also $MEDCARE_KERNELS_BACKEND)
+    resolved_backend(op, device)  the backend a call of op on device would run on now
 
 The math is in `medcare_kernels.reference`; the packed layout and shapes in the README and DESIGN.
 Bad arguments raise ValueError naming the argument. Under torch.autocast the GEMMs run in the autocast
@@ -22,12 +23,12 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _ext, _validate, reference
-from ._backend import BackendUnavailableError, available_backends, current_backend, use_backend
+from ._backend import BackendUnavailableError, available_backends, current_backend, resolved_backend, use_backend
 from ._ext import HAS_EXT
 from .ops import lora_torch, molora_gate_up_torch, molora_torch, orth_penalty_torch, routing_torch
 
 __all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "reference", "use_backend",
-           "current_backend", "available_backends", "BackendUnavailableError", "HAS_EXT"]
+           "current_backend", "resolved_backend", "available_backends", "BackendUnavailableError", "HAS_EXT"]
 __version__ = "0.1.0"
 
 _backend.register("torch", "molora_linear", molora_torch.molora_linear)
