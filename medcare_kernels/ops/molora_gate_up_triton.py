@@ -1,9 +1,9 @@
 """molora_gate_up, Triton backend: the gate and up MoLoRA projections of a SwiGLU MLP, which read the same x.
 
-Two molora_linear calls read x [T, Din] (the largest activation of the block with Dout's) six times between
-them: a shrink GEMM, the router pass, the base GEMM in each forward; the dA GEMM, the router wgrad and the
-dX write in each backward. This op shares what the shared input allows, with the Triton kernels of
-molora_triton.py (imported, not copied; they take row strides so they run on column slices of shared buffers):
+Two molora_linear calls each read x [T, Din] three times in forward (shrink GEMM, router pass, base GEMM) and
+twice in backward (dA GEMM, router wgrad), and each writes its own dX, which autograd then sums. This op shares
+what the common input allows, with the Triton kernels of molora_triton.py (imported, not copied; they take row
+strides, so they run on column slices of shared buffers):
 
 Forward (Rt_g, Rt_u = E*R + Rs of each projection):
     h = drop(x) [A_g; A_u]^T             ONE cuBLAS shrink [T, Rt_g + Rt_u]: one read of x instead of two
@@ -15,18 +15,21 @@ Backward:
                                          [T, 2E] in fp32; dB = dY^T S
     dA = [dh_g | dh_u]^T drop(x)         ONE GEMM for both lora_a: one read of x instead of two
     _router_wgrad on [dl_g | dl_u]       ONE fp32 pass over x for both routers (2E rows)
-    dX = dY_g W_g (mm) + dY_u W_u (addmm) + dhl [A_g; A_u; Wr_g; Wr_u] (ONE in-place addmm): dX is
-                                         read and written once for all the adapters of both projections
+    dX = dY_g W_g (mm) + dY_u W_u (addmm) + dhl [A_g; A_u; Wr_g; Wr_u] (ONE in-place addmm): one dX, its
+                                         low-rank update once for all adapters and routers of both projections
+                                         (MEDCARE_TRITON_GEMM=fused: the two base terms as one two-segment GEMM)
 Saved for backward: x (the caller's tensor), h [T, Rt_g + Rt_u], probs [T, E] fp32 and indices [T, K] of each
 projection: the same O(T*(E*R+Rs)) as two molora_linear calls, x once. Dropout (reference.molora_gate_up): ONE
 draw of the adapters' input mask, shared by both projections, taken from an RNG state the op keeps and redrawn
 in backward (no [T, Din] mask is saved).
 
-Speed: unmeasured on a GPU. From bytes, at T=8192 and Qwen1.5-7B shapes in bf16 (x is 64 MiB): one x read
-less in each of the shrink, dA and router wgrad, and one dX read+write less, ~5 x 64 MiB ~ 320 MiB, ~100 us at
-H100 bandwidth, against ~6 ms for the MLP block's forward + backward (benchmarks/bench_molora.py mlp-block,
-provider medcare-triton-gateup, measures it where a GPU is available). Still two router passes over x: the
-router kernel's softmax/top-K epilogue works on one router's E columns.
+Speed: unmeasured on a GPU; estimated from bytes at T=8192 and Qwen1.5-7B shapes in bf16, where x and dX are
+64 MiB each: three reads of x fewer (shrink, dA, router wgrad), and dX written once and updated twice in place
+instead of two dX's (each written, then read and written by its low-rank addmm) summed by autograd: 3 + 4 passes
+of 64 MiB, ~0.45 GB, ~130 us at an H100's ~3.35 TB/s, against the 9.4 ms forward + backward of medcare-triton's
+MLP block (6.6 ms frozen) in the committed H100 results: ~1.5%. bench_molora's mlp-block provider
+medcare-triton-gateup measures it where a GPU is available. Still two router passes over x: the router kernel's
+softmax/top-K epilogue works on one router's E columns.
 Reference: medcare_kernels.reference.molora_gate_up.
 """
 
