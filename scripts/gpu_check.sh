@@ -15,7 +15,8 @@ python3 -c "import medcare_kernels as mk; print('ext:', mk.available_backends()[
 t0=$SECONDS
 timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --timeout=90 \
   tests/benchmarks tests/medcare tests/medcare_kernels/test_ext.py tests/medcare_kernels/test_triton_gpu.py \
-  tests/medcare_kernels/test_route_topk.py tests/medcare_kernels/test_orth_penalty.py >"$OUT/gpu_tests.log" 2>&1
+  tests/medcare_kernels/test_route_topk.py tests/medcare_kernels/test_orth_penalty.py \
+  tests/medcare_kernels/test_molora_gate_up.py >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
 t0=$SECONDS
 timeout 260 python3 benchmarks/run_all.py --device cuda --time-budget 150 --output "$RES" >"$OUT/run_all.log" 2>&1
