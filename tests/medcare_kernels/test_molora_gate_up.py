@@ -71,10 +71,11 @@ def test_gate_up_matches_reference(backend, T, d_in, d_out, E, K, R, rs_g, rs_u,
     assert all(grads[i] is None for i in (1, 2, 7, 8)), "the frozen base weights got gradients"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gate_up_float64_and_base_weight_gradients(backend):
+@pytest.mark.parametrize("backend, gemm", BACKEND_GEMM)
+def test_gate_up_float64_and_base_weight_gradients(backend, gemm, monkeypatch):
     """float64 end to end (the kernels accumulate in float64 there), every input trainable, the base weights and
     biases included, and the two projections with different Dout: equal to the reference to rounding."""
+    monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     x, *gate = gate_up_inputs(6, 10, 7, 4, 3, 2, 0, dtype=torch.float64)[:7]
     up = gate_up_inputs(6, 10, 9, 4, 3, 5, 5, dtype=torch.float64)[7:]
     kw = _kw(4, 2, 3)
