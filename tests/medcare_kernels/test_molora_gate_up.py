@@ -197,6 +197,19 @@ def test_triton_gate_up_compiles_fullgraph_and_matches_eager():
         torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not built here")
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_triton_gate_up_custom_op_passes_opcheck(dropout):
+    """torch.library.opcheck: schema, fake implementation, autograd registration and AOT dispatch agree."""
+    from medcare_kernels.ops import molora_gate_up_triton as op
+    from medcare_kernels.ops._triton_gemm import flat_input
+
+    x, *t = gate_up_inputs(9, 16, 12, 4, 2, 4, 2)
+    x, state = flat_input(x, dropout)
+    gate, up = (leaves(op._operands(p, x.dtype), trainable=(2, 3, 4, 5)) for p in (t[:6], t[6:]))
+    torch.library.opcheck(op._fwd_op, (x.requires_grad_(), *gate, *up, 2, 2, 2.0, state, dropout))
+
+
 # ---------------------------------------------------------------------------------------------- GPU, real sizes
 # (T, Din, Dout, E, K, R, Rs_gate, Rs_up): a Qwen-like slice at real token counts, plus sizes that miss every tile.
 GPU_SHAPES = [(4096, 1024, 2752, 8, 2, 16, 32, 32), (1000, 77, 130, 8, 2, 16, 32, 0), (1, 256, 128, 1, 1, 16, 16, 8),
