@@ -5,8 +5,10 @@
 
 Providers: base (the frozen projection / frozen MLP: the floor), naive-medcare (the original: every expert
 fp32 on every token, [T, E, Dout] stacked), naive-peft (PEFT shared LoRA + a loop over experts with token
-gather and index_add), medcare-<backend>. Gradients: x, routers, all adapters (base weights are frozen,
-so base's fwd+bwd is its forward plus the input gradient). Writes <output>/<device>/molora.{json,md,png}.
+gather and index_add), medcare-<backend>, and in the MLP block medcare-triton-gateup (gate and up through one
+molora_gate_up call, down through molora_linear) where the triton backend runs on the device. Gradients: x,
+routers, all adapters (base weights are frozen, so base's fwd+bwd is its forward plus the input gradient).
+Writes <output>/<device>/molora.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def _providers(ctx, p, kind: str) -> dict:
            "naive-peft": (peft_fn, [q for q in peft_model.parameters() if q.requires_grad])}
     for b in mc.backends("molora_linear", ctx.device):
         fns[f"medcare-{b}"] = (mc.mlp(p, b), p.trainable())
+    if "triton" in mc.backends(("molora_linear", "molora_gate_up"), ctx.device):
+        fns["medcare-triton-gateup"] = (mc.mlp_gate_up(p, "triton"), p.trainable())
     return fns
 
 

@@ -8,15 +8,19 @@ nn.Linear: Qwen2 (which also loads Qwen1.5), Qwen3, Llama, Mistral.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .config import MLP_TARGETS, Stage1Config, Stage2Config
-from .layers import LoRALinear, MoLoRALinear
+from .layers import LoRALinear, MoLoRALinear, gate_up_forward
 
 ADAPTER_TYPES = (LoRALinear, MoLoRALinear)
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)): layers.gate_up_forward
+# reproduces it, so these get the fused gate+up path (transformers 5: Qwen2 also runs Qwen1.5).
+GATE_UP_MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP")
 
 
 class InjectionError(ValueError):
@@ -101,9 +105,26 @@ def apply_stage1(model: nn.Module, cfg: Stage1Config) -> InjectionReport:
                           dtype=cfg.adapter_dtype)
 
     counts = _replace(model, tuple(cfg.attn_targets) + tuple(cfg.mlp_targets), build)
+    fuse_gate_up(model)
     report = freeze_non_adapters(model)
     report.replaced = counts
     return report
+
+
+def fuse_gate_up(model: nn.Module) -> int:
+    """Route each SwiGLU MLP whose gate_proj and up_proj are both MoLoRA through layers.gate_up_forward: one
+    medcare_kernels.molora_gate_up call for both on the triton backend (one shrink GEMM, dA GEMM, router-wgrad
+    pass and dX update instead of two), the MLP's own forward otherwise. Set as the instance's `forward`
+    attribute (a functools.partial, so deepcopy and pickling follow the instance); the class, the modules and
+    every state_dict key stay as they are. Returns how many MLPs were routed."""
+    count = 0
+    for _, module in model.named_modules():
+        if (type(module).__name__ in GATE_UP_MLPS and "forward" not in vars(module)
+                and isinstance(getattr(module, "gate_proj", None), MoLoRALinear)
+                and isinstance(getattr(module, "up_proj", None), MoLoRALinear)):
+            module.forward = functools.partial(gate_up_forward, module)
+            count += 1
+    return count
 
 
 def apply_stage2(model: nn.Module, cfg: Stage2Config, knowledge_rank: int) -> InjectionReport:

@@ -218,18 +218,67 @@ class MoLoRALinear(_MergeMixin, nn.Module):
         a, b = self.shared()
         return self.scaling * (b.detach().float() @ a.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_args(self) -> tuple[torch.Tensor | None, ...]:
+        """(weight, bias, router_weight, router_bias, lora_a, lora_b) as medcare_kernels.molora_linear takes them."""
         a, b = self.lora_a, self.lora_b
         if self.merged:  # the shared LoRA lives in the base weight now; route over the experts only
             a, b = a[: self.num_experts * self.expert_rank], b[:, : self.num_experts * self.expert_rank]
-        y, indices = mk.molora_linear(x, self.base_layer.weight, self.base_layer.bias, self.router_weight,
-                                      self.router_bias, a, b, num_experts=self.num_experts, top_k=self.top_k,
-                                      expert_rank=self.expert_rank, scaling=self.scaling,
-                                      dropout=self.dropout if self.training else 0.0, return_indices=True)
+        return self.base_layer.weight, self.base_layer.bias, self.router_weight, self.router_bias, a, b
+
+    def kernel_kwargs(self) -> dict:
+        """The keyword arguments of medcare_kernels.molora_linear (adapter dropout only in training mode)."""
+        return dict(num_experts=self.num_experts, top_k=self.top_k, expert_rank=self.expert_rank,
+                    scaling=self.scaling, dropout=self.dropout if self.training else 0.0)
+
+    def routed(self, x: torch.Tensor, indices: torch.Tensor) -> None:
+        """Tell the routing hooks how x was routed (forward does; so does the fused MLP path of gate_up_forward)."""
         for hook in list(self._routing_hooks.values()):
             hook(self, x, indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, indices = mk.molora_linear(x, *self.kernel_args(), **self.kernel_kwargs(), return_indices=True)
+        self.routed(x, indices)
         return y
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, expert_rank={self.expert_rank}, "
                 f"shared_rank={self.shared_rank}, scaling={self.scaling}, merged={self.merged}")
+
+
+def gate_up_fusable(gate: nn.Module, up: nn.Module, x: torch.Tensor) -> bool:
+    """Whether an MLP's gate and up projections can run as one medcare_kernels.molora_gate_up call with exactly
+    the effect of calling both modules: two unmerged MoLoRALinear with the same E/K/R/scaling/dropout and mode,
+    no torch module hooks to run (DeepSpeed ZeRO-3 and accelerate's offloading hook each Linear: then the modules
+    are called), and the call would run on the triton backend (the torch backend's molora_gate_up is two
+    molora_linear calls: nothing to gain)."""
+    if not (isinstance(gate, MoLoRALinear) and isinstance(up, MoLoRALinear)) or gate.merged or up.merged:
+        return False
+    if gate.kernel_kwargs() != up.kernel_kwargs() or _has_module_hooks(gate) or _has_module_hooks(up):
+        return False
+    try:
+        return mk.resolved_backend("molora_gate_up", x.device) == "triton"
+    except mk.BackendUnavailableError:  # an explicit backend without the op: the modules' own calls say so
+        return False
+
+
+def _has_module_hooks(m: nn.Module) -> bool:
+    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    glob = [getattr(nn.modules.module, n, {}) for n in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                          "_global_backward_hooks", "_global_backward_pre_hooks")]
+    return any(len(h) for h in own) or any(len(h) for h in glob)
+
+
+def gate_up_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A SwiGLU MLP's forward, down_proj(act_fn(gate_proj(x)) * up_proj(x)), with gate and up as one
+    medcare_kernels.molora_gate_up call where gate_up_fusable says it has the modules' effect (routing hooks
+    included); otherwise the MLP class's own forward. medcare.inject installs it on MLP instances as
+    functools.partial(gate_up_forward, mlp). With adapter dropout > 0 (off by default on MoLoRA) gate and up
+    share one dropout draw on this path, where two module calls draw two."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if not gate_up_fusable(gate, up, x):
+        return type(mlp).forward(mlp, x)
+    (y_gate, y_up), (idx_gate, idx_up) = mk.molora_gate_up(x, gate.kernel_args(), up.kernel_args(),
+                                                           **gate.kernel_kwargs(), return_indices=True)
+    gate.routed(x, idx_gate)
+    up.routed(x, idx_up)
+    return mlp.down_proj(mlp.act_fn(y_gate) * y_up)

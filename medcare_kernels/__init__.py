@@ -2,11 +2,14 @@
 
     molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *,
                   num_experts, top_k, expert_rank, scaling, dropout=0.0) -> y
+    molora_gate_up(x, gate, up, *, num_experts, top_k, expert_rank, scaling, dropout=0.0)
+                                                -> (y_gate, y_up): an MLP's gate and up MoLoRA projections of one x
     lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0) -> y
     route_topk(logits, top_k) -> (gates [..., E] fp32, indices [..., K])
     orth_penalty(a_base, a_orth) -> scalar
-    reference               the same four functions in plain PyTorch: the math
+    reference               the same functions in plain PyTorch: the math
     use_backend(name)       auto | torch | triton | ext (also $MEDCARE_KERNELS_BACKEND)
+    resolved_backend(op, device)  the backend a call of op on device would run on now
 
 The math is in `medcare_kernels.reference`; the packed layout and shapes in the README and DESIGN.
 Bad arguments raise ValueError naming the argument. Under torch.autocast the GEMMs run in the autocast
@@ -20,24 +23,26 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _ext, _validate, reference
-from ._backend import BackendUnavailableError, available_backends, current_backend, use_backend
+from ._backend import BackendUnavailableError, available_backends, current_backend, resolved_backend, use_backend
 from ._ext import HAS_EXT
-from .ops import lora_torch, molora_torch, orth_penalty_torch, routing_torch
+from .ops import lora_torch, molora_gate_up_torch, molora_torch, orth_penalty_torch, routing_torch
 
-__all__ = ["molora_linear", "lora_linear", "route_topk", "orth_penalty", "reference", "use_backend",
-           "current_backend", "available_backends", "BackendUnavailableError", "HAS_EXT"]
+__all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "reference", "use_backend",
+           "current_backend", "resolved_backend", "available_backends", "BackendUnavailableError", "HAS_EXT"]
 __version__ = "0.1.0"
 
 _backend.register("torch", "molora_linear", molora_torch.molora_linear)
+_backend.register("torch", "molora_gate_up", molora_gate_up_torch.molora_gate_up)
 _backend.register("torch", "lora_linear", lora_torch.lora_linear)
 _backend.register("torch", "route_topk", routing_torch.route_topk)
 _backend.register("torch", "orth_penalty", orth_penalty_torch.orth_penalty)
 try:  # Triton ships for Linux x86-64/aarch64; elsewhere the torch (and ext) backends remain
-    from .ops import lora_triton, molora_triton
+    from .ops import lora_triton, molora_gate_up_triton, molora_triton
 except ImportError as exc:
     _backend.mark_unavailable("triton", f"Triton is not importable here ({exc})")
 else:
     _backend.register("triton", "molora_linear", molora_triton.molora_linear)
+    _backend.register("triton", "molora_gate_up", molora_gate_up_triton.molora_gate_up)
     _backend.register("triton", "lora_linear", lora_triton.lora_linear)
 del _ext  # imported for its side effect: registering (or explaining the absence of) the ext backend
 
@@ -70,6 +75,28 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y, indices = impl(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts=num_experts,
                           top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
     return (y, indices) if return_indices else y
+
+
+def molora_gate_up(x: torch.Tensor, gate: Sequence[torch.Tensor | None], up: Sequence[torch.Tensor | None], *,
+                   num_experts: int, top_k: int, expert_rank: int, scaling: float, dropout: float = 0.0,
+                   return_indices: bool = False):
+    """The gate and up projections of a SwiGLU MLP, which read the same x: (y_gate, y_up), equal to
+    (molora_linear(x, *gate, ...), molora_linear(x, *up, ...)) with one exception, dropout: ONE draw of the
+    adapters' input mask is shared by all adapters of both projections (reference.molora_gate_up).
+
+    gate, up: each (weight, bias, router_weight, router_bias, lora_a, lora_b) with molora_linear's shapes, the
+    same E, K, R and scaling (Dout and the shared rank may differ). Returns (y_gate [..., Dout_g], y_up
+    [..., Dout_u]); with return_indices=True, ((y_gate, y_up), (indices_gate, indices_up)), each [..., K].
+    On the triton backend one shrink GEMM, one dA GEMM, one router-wgrad pass over x and one low-rank update of
+    dX serve both projections (ops/molora_gate_up_triton.py); the torch backend is two molora_linear calls.
+    """
+    _validate.check_molora_gate_up(x, gate, up, num_experts, top_k, expert_rank, scaling, dropout)
+    x = _autocast_input(x)
+    impl = _backend.resolve("molora_gate_up", x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        y_gate, y_up, idx_gate, idx_up = impl(x, tuple(gate), tuple(up), num_experts=num_experts, top_k=top_k,
+                                              expert_rank=expert_rank, scaling=scaling, dropout=dropout)
+    return ((y_gate, y_up), (idx_gate, idx_up)) if return_indices else (y_gate, y_up)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,

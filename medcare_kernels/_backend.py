@@ -84,6 +84,14 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+def resolved_backend(op: str, device: torch.device) -> str:
+    """The backend name `op` runs on for tensors on `device` under the current choice (what `auto` picks);
+    raises BackendUnavailableError where a call would."""
+    if torch.compiler.is_compiling():
+        return _resolve_name_constant(op, device.type)
+    return _resolve_name(op, device)
+
+
 def _runs_on(backend: str, device: torch.device) -> bool:
     if device.type == "cpu" and backend == "triton":
         return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -53,18 +53,19 @@ def _scalars(op: str, scaling, dropout) -> None:
         _fail(op, f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
-def _linear_args(op: str, x, weight, bias) -> tuple[int, int]:
-    _tensor(op, "x", x)
-    _tensor(op, "weight", weight)
-    _tensor(op, "bias", bias, optional=True)
+def _linear_args(op: str, x, weight, bias, names: Sequence[str] = ("x", "weight", "bias")) -> tuple[int, int]:
+    nx, nw, nb = names
+    _tensor(op, nx, x)
+    _tensor(op, nw, weight)
+    _tensor(op, nb, bias, optional=True)
     if x.dim() < 1:
-        _fail(op, "x must have at least one dimension [..., Din], got a 0-d tensor")
+        _fail(op, f"{nx} must have at least one dimension [..., Din], got a 0-d tensor")
     if weight.dim() != 2:
-        _fail(op, f"weight must be 2-D [Dout, Din], got {_shape(weight)}")
+        _fail(op, f"{nw} must be 2-D [Dout, Din], got {_shape(weight)}")
     d_out, d_in = weight.shape
     if x.shape[-1] != d_in:
-        _fail(op, f"x must have shape [..., Din] with Din = weight.shape[1] = {d_in}, got {_shape(x)}")
-    _expect(op, "bias", bias, (d_out,), "[Dout]")
+        _fail(op, f"{nx} must have shape [..., Din] with Din = {nw}.shape[1] = {d_in}, got {_shape(x)}")
+    _expect(op, nb, bias, (d_out,), "[Dout]")
     return d_in, d_out
 
 
@@ -80,31 +81,64 @@ def check_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout) -> None
     _same_device(op, {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b})
 
 
+MOLORA_ARGS = ("x", "weight", "bias", "router_weight", "router_bias", "lora_a", "lora_b")
+
+
 def check_molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts, top_k,
                         expert_rank, scaling, dropout) -> int:
     """Validate a molora_linear call and return the shared rank Rs = lora_a.shape[0] - E*R."""
-    op = "molora_linear"
-    d_in, d_out = _linear_args(op, x, weight, bias)
+    return _molora_args("molora_linear", MOLORA_ARGS, x, weight, bias, router_weight, router_bias, lora_a, lora_b,
+                        num_experts, top_k, expert_rank, scaling, dropout)
+
+
+def _molora_args(op, names, x, weight, bias, router_weight, router_bias, lora_a, lora_b, num_experts, top_k,
+                 expert_rank, scaling, dropout) -> int:
+    """One MoLoRA projection's checks, each message naming the argument by `names` (MOLORA_ARGS' order)."""
+    nx, nw, nb, nrw, nrb, na, nlb = names
+    d_in, d_out = _linear_args(op, x, weight, bias, (nx, nw, nb))
     _positive_int(op, "num_experts", num_experts)
     _positive_int(op, "top_k", top_k)
     _positive_int(op, "expert_rank", expert_rank)
     if top_k > num_experts:
         _fail(op, f"top_k must be <= num_experts = {num_experts}, got {top_k}")
-    _tensor(op, "router_weight", router_weight)
-    _tensor(op, "lora_a", lora_a)
-    _tensor(op, "lora_b", lora_b)
-    _tensor(op, "router_bias", router_bias, optional=True)
+    _tensor(op, nrw, router_weight)
+    _tensor(op, na, lora_a)
+    _tensor(op, nlb, lora_b)
+    _tensor(op, nrb, router_bias, optional=True)
     e, r = num_experts, expert_rank
-    _expect(op, "router_weight", router_weight, (e, d_in), "[num_experts, Din]")
-    _expect(op, "router_bias", router_bias, (e,), "[num_experts]")
+    _expect(op, nrw, router_weight, (e, d_in), "[num_experts, Din]")
+    _expect(op, nrb, router_bias, (e,), "[num_experts]")
     if lora_a.dim() != 2 or lora_a.shape[1] != d_in or lora_a.shape[0] < e * r:
-        _fail(op, f"lora_a must have shape [num_experts*expert_rank + shared_rank, Din] = "
+        _fail(op, f"{na} must have shape [num_experts*expert_rank + shared_rank, Din] = "
                   f"[{e}*{r} + Rs (Rs >= 0), {d_in}], got {_shape(lora_a)}")
-    _expect(op, "lora_b", lora_b, (d_out, lora_a.shape[0]), "[Dout, num_experts*expert_rank + shared_rank]")
+    _expect(op, nlb, lora_b, (d_out, lora_a.shape[0]), "[Dout, num_experts*expert_rank + shared_rank]")
     _scalars(op, scaling, dropout)
-    _same_device(op, {"x": x, "weight": weight, "bias": bias, "router_weight": router_weight,
-                      "router_bias": router_bias, "lora_a": lora_a, "lora_b": lora_b})
+    _same_device(op, dict(zip(names, (x, weight, bias, router_weight, router_bias, lora_a, lora_b), strict=True)))
     return lora_a.shape[0] - e * r
+
+
+def check_molora_gate_up(x, gate, up, num_experts, top_k, expert_rank, scaling, dropout) -> None:
+    """gate and up are each molora_linear's (weight, bias, router_weight, router_bias, lora_a, lora_b); they
+    read the same x, so they must share its Din and device (each projection's tensors are checked against x),
+    and they must store each tensor in the same dtype."""
+    op = "molora_gate_up"
+    for name, proj in (("gate", gate), ("up", up)):
+        if isinstance(proj, torch.Tensor) or not isinstance(proj, Sequence) or len(proj) != 6:
+            got = f"{len(proj)} items" if isinstance(proj, Sequence) and not isinstance(proj, torch.Tensor) else \
+                type(proj).__name__
+            _fail(op, f"{name} must be a tuple (weight, bias, router_weight, router_bias, lora_a, lora_b), got {got}")
+    names = {p: ("x",) + tuple(f"{p}[{i}] ({n})" for i, n in enumerate(MOLORA_ARGS[1:])) for p in ("gate", "up")}
+    _molora_args(op, names["gate"], x, *gate, num_experts, top_k, expert_rank, scaling, dropout)
+    w_g, w_u = gate[0], up[0]
+    _tensor(op, names["up"][1], w_u)
+    if w_u.dim() == 2 and w_u.shape[1] != w_g.shape[1]:
+        _fail(op, f"{names['up'][1]} must have shape [Dout, Din] with Din = gate[0] (weight).shape[1] = "
+                  f"{w_g.shape[1]} (gate and up read the same x), got {_shape(w_u)}")
+    _molora_args(op, names["up"], x, *up, num_experts, top_k, expert_rank, scaling, dropout)
+    for i, (g, u) in enumerate(zip(gate, up, strict=True)):
+        if g is not None and u is not None and g.dtype != u.dtype:
+            _fail(op, f"{names['up'][i + 1]} is {u.dtype} but {names['gate'][i + 1]} is {g.dtype}; gate and up "
+                      f"must store each tensor in the same dtype")
 
 
 def check_route_topk(logits, top_k) -> None:

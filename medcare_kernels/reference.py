@@ -11,6 +11,7 @@ Rs shared rank.
     route_topk:     p = softmax(logits); (w, I) = top-K(p) (ties -> lower index); w = w / sum(w)
     lora_linear:    y = x W^T + b + s * B A drop(x)
     molora_linear:  y = x W^T + b + s * sum_{j<K} w_j B_{I_j} A_{I_j} drop(x) + s * Bs As drop(x)
+    molora_gate_up: (molora_linear(x, *gate), molora_linear(x, *up)) with ONE dropout draw for both
     orth_penalty:   L = sum_pairs sum_ij | A_base A_orth^T |_ij
 
 `drop` is inverted dropout on the adapters' input only (the base GEMM and the router see x); one mask
@@ -25,7 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["molora_linear", "lora_linear", "route_topk", "orth_penalty", "dropout_keep_mask", "router_dtype"]
+__all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "dropout_keep_mask",
+           "router_dtype"]
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,6 +116,37 @@ def molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *
                   dim=-1)
     h = F.linear(_dropout(x, dropout), _like(lora_a, x))
     return F.linear(x, _like(weight, x), _like(bias, x)) + F.linear(h * (scaling * g).to(h.dtype), _like(lora_b, x))
+
+
+def molora_gate_up(x, gate, up, *, num_experts: int, top_k: int, expert_rank: int, scaling: float,
+                   dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up projections of a SwiGLU MLP, two MoLoRA projections of the same x:
+
+        (y_gate, y_up) = (molora_linear(x, *gate, ...), molora_linear(x, *up, ...))
+
+    gate and up are each (weight, bias, router_weight, router_bias, lora_a, lora_b) as molora_linear takes
+    them (same E, K, R and scaling; Dout and the shared rank may differ). Dropout: ONE draw of the adapters'
+    input mask, shared by every adapter of both projections (the fused op drops x once for one shrink GEMM):
+    the generator is rewound between the two calls, so both draw the same mask and it ends where one draw
+    leaves it. Without dropout this is exactly two molora_linear calls.
+    """
+    kw = dict(num_experts=num_experts, top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
+    state = _rng_state(x.device) if dropout > 0.0 else None
+    y_gate = molora_linear(x, *gate, **kw)
+    if state is not None:
+        _set_rng_state(x.device, state)
+    return y_gate, molora_linear(x, *up, **kw)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def orth_penalty(a_base: Sequence[torch.Tensor], a_orth: Sequence[torch.Tensor]) -> torch.Tensor:

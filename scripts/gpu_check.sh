@@ -20,7 +20,8 @@ if want tests; then
 t0=$SECONDS
 timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --timeout=90 --durations=15 \
   tests/medcare_kernels/test_ext.py tests/medcare_kernels/test_triton_gpu.py tests/medcare_kernels/test_route_topk.py \
-  tests/medcare_kernels/test_orth_penalty.py tests/benchmarks tests/medcare >"$OUT/gpu_tests.log" 2>&1
+  tests/medcare_kernels/test_orth_penalty.py tests/medcare_kernels/test_molora_gate_up.py tests/benchmarks \
+  tests/medcare >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
 fi
 if want bench; then

@@ -62,6 +62,22 @@ def mlp(m: MLPParams, backend: str):
     return lambda x: down(F.silu(gate(x)) * up(x))
 
 
+def mlp_gate_up(m: MLPParams, backend: str):
+    """The MLP block with gate and up as one molora_gate_up call (one shrink GEMM, dA GEMM, router-wgrad pass and
+    low-rank dX update for both), then down as molora_linear."""
+    gate, up = ((p.weight, None, p.router_weight, p.router_bias, p.lora_a, p.lora_b) for p in (m.gate, m.up))
+    kw = dict(num_experts=m.gate.num_experts, top_k=m.gate.top_k, expert_rank=m.gate.expert_rank,
+              scaling=m.gate.scaling)
+    down = molora(m.down, backend)
+
+    def fn(x):
+        with mk.use_backend(backend):
+            y_gate, y_up = mk.molora_gate_up(x, gate, up, **kw)
+        return down(F.silu(y_gate) * y_up)
+
+    return fn
+
+
 def lora(p: LoRAParams, backend: str, *, dropout: float | None = None):
     drop = p.dropout if dropout is None else dropout
 

@@ -14,6 +14,14 @@ def rng_state(device: torch.device) -> torch.Tensor:
     return torch.get_rng_state()
 
 
+def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    """Rewind the generator of `device` to `state` (a later draw repeats the one that started there)."""
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def draw_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(keep mask, RNG state before the draw). The state lets backward redraw the mask instead of saving
     a [T, Din] tensor; the draw itself is reference.dropout_keep_mask, so all torch-RNG backends agree."""

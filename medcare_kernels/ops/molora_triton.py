@@ -70,7 +70,7 @@ def _router_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
-                T, DIN, E, ER, RS, s_xt, s_rwt, scaling,
+                T, DIN, E, ER, RS, s_xt, s_rwt, s_ht, s_st, scaling,
                 R: tl.constexpr, K: tl.constexpr, HAS_RB: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr, R_PAD: tl.constexpr,
                 RS_PAD: tl.constexpr):
@@ -103,36 +103,38 @@ def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
         chosen = tl.where(hit, p, chosen)
         work = tl.where(hit, -2.0, work)
     gates = chosen / tl.sum(chosen, axis=1)[:, None]
-    _scale_adapters(h_ptr, s_ptr, rows, r_ok, gates, E, ER, RS, scaling, R, ACC, E_PAD, R_PAD, RS_PAD)
+    _scale_adapters(h_ptr, s_ptr, rows, r_ok, gates, E, ER, RS, s_ht, s_st, scaling, R, ACC, E_PAD, R_PAD, RS_PAD)
 
 
 @triton.jit
-def _scale_adapters(h_ptr, out_ptr, rows, r_ok, gates, E, ER, RS, scaling, R: tl.constexpr, ACC: tl.constexpr,
-                    E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
+def _scale_adapters(h_ptr, out_ptr, rows, r_ok, gates, E, ER, RS, s_ht, s_ot, scaling, R: tl.constexpr,
+                    ACC: tl.constexpr, E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
     """out = h * s * [gate_e on expert e's R columns | 1 on the shared columns], for one token block; the
-    expert block is addressed as [BLOCK_T, E, R] so each gate broadcasts over its R columns, no gather."""
-    rt = ER + RS
+    expert block is addressed as [BLOCK_T, E, R] so each gate broadcasts over its R columns, no gather.
+    Row strides: h may be a column slice of a wider shrink output (molora_gate_up's [h_gate | h_up])."""
     ce = tl.arange(0, E_PAD)
     cr = tl.arange(0, R_PAD)
-    off = rows[:, None, None] * rt + ce[None, :, None] * R + cr[None, None, :]
+    col = ce[None, :, None] * R + cr[None, None, :]
     m = r_ok[:, None, None] & (ce < E)[None, :, None] & (cr < R)[None, None, :]
-    h = tl.load(h_ptr + off, mask=m, other=0.0).to(ACC)
-    tl.store(out_ptr + off, (h * (gates * scaling)[:, :, None]).to(out_ptr.dtype.element_ty), mask=m)
+    h = tl.load(h_ptr + rows[:, None, None] * s_ht + col, mask=m, other=0.0).to(ACC)
+    tl.store(out_ptr + rows[:, None, None] * s_ot + col, (h * (gates * scaling)[:, :, None]).to(
+        out_ptr.dtype.element_ty), mask=m)
     cs = tl.arange(0, RS_PAD)
-    off_s = rows[:, None] * rt + ER + cs[None, :]
     m_s = r_ok[:, None] & (cs < RS)[None, :]
-    h_s = tl.load(h_ptr + off_s, mask=m_s, other=0.0).to(ACC)
-    tl.store(out_ptr + off_s, (h_s * scaling).to(out_ptr.dtype.element_ty), mask=m_s)
+    h_s = tl.load(h_ptr + rows[:, None] * s_ht + ER + cs[None, :], mask=m_s, other=0.0).to(ACC)
+    tl.store(out_ptr + rows[:, None] * s_ot + ER + cs[None, :], (h_s * scaling).to(out_ptr.dtype.element_ty),
+             mask=m_s)
 
 
 @triton.jit
 def _gate_route_bwd(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
-                    T, E, ER, RS, s_dhlt, scaling,
+                    T, E, ER, RS, s_dst, s_ht, s_st, s_dhlt, s_dlt, dl_col, scaling,
                     R: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
                     E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
+    # Row strides for every [T, *] operand and the column of d_logits inside dhl: molora_gate_up runs this once
+    # per projection on column slices of shared buffers ([h_gate | h_up], [dh_gate | dh_up | dl_gate | dl_up]).
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r_ok = rows < T
-    rt = ER + RS
     ce = tl.arange(0, E_PAD)
     cr = tl.arange(0, R_PAD)
     e_ok = ce < E
@@ -146,27 +148,27 @@ def _gate_route_bwd(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
     z = tl.where(z > 0.0, z, 1.0)  # padding rows of the block
     w = p_sel / z
     # Expert block as [BLOCK_T, E, R]: d gate_e = s <dS_e, h_e> is a sum over the last axis.
-    off = rows[:, None, None] * rt + ce[None, :, None] * R + cr[None, None, :]
+    col = ce[None, :, None] * R + cr[None, None, :]
+    r3 = rows[:, None, None]
     m = r_ok[:, None, None] & e_ok[None, :, None] & (cr < R)[None, None, :]
-    ds = tl.load(ds_ptr + off, mask=m, other=0.0).to(ACC)
-    h = tl.load(h_ptr + off, mask=m, other=0.0).to(ACC)
+    ds = tl.load(ds_ptr + r3 * s_dst + col, mask=m, other=0.0).to(ACC)
+    h = tl.load(h_ptr + r3 * s_ht + col, mask=m, other=0.0).to(ACC)
     d_w = tl.where(sel, tl.sum(ds * h, axis=2) * scaling, 0.0)
     dp = tl.where(sel, (d_w - tl.sum(d_w * w, axis=1)[:, None]) / z, 0.0)
     dl = p * (dp - tl.sum(dp * p, axis=1)[:, None])
-    tl.store(dl_ptr + rows[:, None] * E + ce[None, :], dl, mask=r_ok[:, None] & e_ok[None, :])
+    tl.store(dl_ptr + rows[:, None] * s_dlt + ce[None, :], dl, mask=r_ok[:, None] & e_ok[None, :])
     g = (w * scaling)[:, :, None]
-    off_dh = rows[:, None, None] * s_dhlt + ce[None, :, None] * R + cr[None, None, :]
-    tl.store(dhl_ptr + off_dh, (ds * g).to(dhl_ptr.dtype.element_ty), mask=m)
-    tl.store(s_ptr + off, (h * g).to(s_ptr.dtype.element_ty), mask=m)
+    tl.store(dhl_ptr + r3 * s_dhlt + col, (ds * g).to(dhl_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + r3 * s_st + col, (h * g).to(s_ptr.dtype.element_ty), mask=m)
     cs = tl.arange(0, RS_PAD)
+    r2, c2 = rows[:, None], ER + cs[None, :]
     m_s = r_ok[:, None] & (cs < RS)[None, :]
-    ds_s = tl.load(ds_ptr + rows[:, None] * rt + ER + cs[None, :], mask=m_s, other=0.0).to(ACC)
-    h_s = tl.load(h_ptr + rows[:, None] * rt + ER + cs[None, :], mask=m_s, other=0.0).to(ACC)
-    tl.store(dhl_ptr + rows[:, None] * s_dhlt + ER + cs[None, :], (ds_s * scaling).to(dhl_ptr.dtype.element_ty),
-             mask=m_s)
-    tl.store(s_ptr + rows[:, None] * rt + ER + cs[None, :], (h_s * scaling).to(s_ptr.dtype.element_ty), mask=m_s)
+    ds_s = tl.load(ds_ptr + r2 * s_dst + c2, mask=m_s, other=0.0).to(ACC)
+    h_s = tl.load(h_ptr + r2 * s_ht + c2, mask=m_s, other=0.0).to(ACC)
+    tl.store(dhl_ptr + r2 * s_dhlt + c2, (ds_s * scaling).to(dhl_ptr.dtype.element_ty), mask=m_s)
+    tl.store(s_ptr + r2 * s_st + c2, (h_s * scaling).to(s_ptr.dtype.element_ty), mask=m_s)
     # d_logits in the compute dtype beside dh: [dh | dl] [lora_a; Wr] is then one GEMM for dX.
-    tl.store(dhl_ptr + rows[:, None] * s_dhlt + rt + ce[None, :], dl.to(dhl_ptr.dtype.element_ty),
+    tl.store(dhl_ptr + r2 * s_dhlt + dl_col + ce[None, :], dl.to(dhl_ptr.dtype.element_ty),
              mask=r_ok[:, None] & e_ok[None, :])
 
 
@@ -200,51 +202,53 @@ def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_
     """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; router_weight [E, Din]; router_bias [E] | None;
     lora_a [Rt, Din]; lora_b [Dout, Rt] (all but the router in x's dtype); rng_state: the adapters' dropout
     draw's starting state | None -> (y [T, Dout], h [T, Rt], probs [T, E] fp32, indices [T, K] int64)."""
-    t, din = x.shape
-    e, rt = router_weight.shape[0], lora_a.shape[0]
-    er = e * expert_rank
     xa, _ = dropped(x, dropout, rng_state, redraw=False)                    # the router sees x, the adapters drop(x)
     h = torch.mm(xa, lora_a.t())                                            # [T, Rt]
-    s = torch.empty_like(h)
+    y, probs, indices = route_expand(x, h, weight, bias, router_weight, router_bias, lora_b, top_k, expert_rank,
+                                     scaling)
+    return y, h, probs, indices
+
+
+def route_expand(x, h, weight, bias, router_weight, router_bias, lora_b, top_k, expert_rank, scaling):
+    """The router pass over x, the gating S = h * g and y = x W^T + b + S lora_b^T, for a shrink output
+    h [T, Rt] computed by the caller (any row stride: molora_gate_up passes column slices of one GEMM's
+    output) -> (y [T, Dout], probs [T, E] fp32, indices [T, K] int64)."""
+    t, din = x.shape
+    e, rt = router_weight.shape[0], h.shape[1]
+    er = e * expert_rank
+    s = torch.empty(t, rt, dtype=h.dtype, device=x.device)
     probs = torch.empty(t, e, dtype=router_dtype(x.dtype), device=x.device)
     indices = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
     if t > 0:
         bt = _block_t(e, expert_rank)
         _router_fwd[(triton.cdiv(t, bt),)](
             x, router_weight, router_bias if router_bias is not None else router_weight, h, s, probs, indices,
-            t, din, e, er, rt - er, x.stride(0), router_weight.stride(0), scaling, R=expert_rank, K=top_k,
-            HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_T=bt,
-            BLOCK_D=BLOCK_D, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
+            t, din, e, er, rt - er, x.stride(0), router_weight.stride(0), h.stride(0), s.stride(0), scaling,
+            R=expert_rank, K=top_k, HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype),
+            ACC=_acc(x.dtype), BLOCK_T=bt, BLOCK_D=BLOCK_D, E_PAD=_pad(e), R_PAD=_pad(expert_rank),
+            RS_PAD=_pad(rt - er))
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, s, lora_b, bias)
     else:
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
         y.addmm_(s, lora_b.t())
-    return y, h, probs, indices
+    return y, probs, indices
 
 
 def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, rng_state,
                dropout):
     """dy [T, Dout] and the saved tensors -> (dx [T, Din], d_router_weight [E, Din] fp32, d_router_bias [E]
     fp32, d_lora_a [Rt, Din], d_lora_b [Dout, Rt]); d lora_a/lora_b in the compute dtype."""
-    t, din = x.shape
-    e, rt, k = router_weight.shape[0], lora_a.shape[0], indices.shape[1]
-    er = e * expert_rank
+    t = x.shape[0]
+    e, rt = router_weight.shape[0], lora_a.shape[0]
     dev, dt = x.device, x.dtype
-    ds = dy @ lora_b                                                         # [T, Rt]
     dhl = torch.empty(t, rt + e, dtype=dt, device=dev)                      # [dh | d_logits]
-    s = torch.empty(t, rt, dtype=dt, device=dev)
     dl = torch.empty(t, e, dtype=router_dtype(dt), device=dev)
-    if t > 0:
-        bt = _block_t(e, expert_rank)
-        _gate_route_bwd[(triton.cdiv(t, bt),)](
-            ds, h, probs, indices, dhl, s, dl, t, e, er, rt - er, dhl.stride(0), scaling, R=expert_rank, K=k,
-            ACC=_acc(dt), BLOCK_T=bt, E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
-    d_lb = dy.t() @ s                                                        # [Dout, Rt]
+    d_lb = route_bwd(dy, h, probs, indices, lora_b, dhl, rt, dl, expert_rank, scaling)
     dh = dhl[:, :rt]
     xa, keep = dropped(x, dropout, rng_state, redraw=True)
     d_a = dh.t() @ xa                                                        # [Rt, Din]
-    d_rw = _router_wgrad_launch(dl, x)
+    d_rw = router_wgrad(dl, x)
     a_ext = torch.cat([lora_a, router_weight.to(dt)])                       # [Rt + E, Din], small
     if keep is None:
         if use_fused_gemm(dev):
@@ -256,13 +260,39 @@ def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, 
     return dx, d_rw, dl.sum(0), d_a, d_lb
 
 
-def _router_wgrad_launch(dl, x):
-    """d router_weight [E, Din] = dl^T x in the router dtype, from one pass over x."""
+def route_bwd(dy, h, probs, indices, lora_b, dhl, dl_col, dl, expert_rank, scaling):
+    """dS = dY lora_b, then the routing backward: writes dh = dS * g into dhl[:, :Rt], d_logits (compute dtype)
+    into dhl[:, dl_col:dl_col + E] and, in the router dtype, into dl [T, E]; returns d lora_b = dY^T S [Dout, Rt].
+    h, dhl and dl may be column slices of wider buffers (any row stride, unit column stride)."""
+    t, rt = h.shape
+    e, k = probs.shape[1], indices.shape[1]
+    er = e * expert_rank
+    ds = dy @ lora_b                                                         # [T, Rt]
+    s = torch.empty(t, rt, dtype=dhl.dtype, device=dhl.device)
+    if t > 0:
+        bt = _block_t(e, expert_rank)
+        _gate_route_bwd[(triton.cdiv(t, bt),)](
+            ds, h, probs, indices, dhl, s, dl, t, e, er, rt - er, ds.stride(0), h.stride(0), s.stride(0),
+            dhl.stride(0), dl.stride(0), dl_col, scaling, R=expert_rank, K=k, ACC=_acc(dhl.dtype), BLOCK_T=bt,
+            E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
+    return dy.t() @ s                                                        # [Dout, Rt]
+
+
+def _wgrad_block_d(e_pad: int) -> int:
+    """Din per router-wgrad program: WGRAD_BLOCK_D, fewer when the [E, Din] fp32 accumulator tile would not fit
+    in registers (up to E=64 keeps 128; molora_gate_up's 2E=128 rows of two routers get 64)."""
+    return max(16, min(WGRAD_BLOCK_D, 8192 // e_pad))
+
+
+def router_wgrad(dl, x):
+    """d router_weight [E, Din] = dl^T x in the router dtype, from one pass over x. dl [T, E] contiguous; E may
+    be several routers' experts side by side (molora_gate_up: [dl_gate | dl_up], one pass for both routers)."""
     t, din = x.shape
     e = dl.shape[1]
     if t == 0:
         return torch.zeros(e, din, dtype=dl.dtype, device=x.device)
-    n_d = triton.cdiv(din, WGRAD_BLOCK_D)
+    block_d = _wgrad_block_d(_pad(e))
+    n_d = triton.cdiv(din, block_d)
     sms = 4 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
     # Enough splits over T to fill the machine twice over; each split covers whole token tiles.
     n_split = max(1, min(triton.cdiv(t, 4 * WGRAD_BLOCK_T), triton.cdiv(2 * sms, n_d)))
@@ -270,7 +300,7 @@ def _router_wgrad_launch(dl, x):
     n_split = triton.cdiv(t, per)
     part = torch.empty(n_split, e, din, dtype=dl.dtype, device=x.device)
     _router_wgrad[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
-                                  ACC=_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=WGRAD_BLOCK_D, E_PAD=_pad(e))
+                                  ACC=_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=_pad(e))
     return part.sum(0)
 
 

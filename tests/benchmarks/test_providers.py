@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import medcare_kernels as mk
-from benchmarks import bench_orth, bench_train_step, harness
+from benchmarks import bench_molora, bench_orth, bench_train_step, harness
 from benchmarks.providers import base, naive_medcare, naive_peft
 from benchmarks.providers import medcare as mc
 from benchmarks.providers.params import LoRAParams, MLPParams, MoLoRAParams, OrthParams
+from medcare_kernels import _backend
 
 pytest.importorskip("peft")
 CPU = torch.device("cpu")
@@ -48,6 +49,31 @@ def test_mlp_block_providers_agree():
     fns = {"naive-medcare": (nm, []), "naive-peft": (peft_block, []), "medcare-torch": (mc.mlp(m, "torch"), [])}
     errs, bad = harness.agree(harness.autograd_outputs(fns, x, dy), "naive-medcare", 1e-5)
     assert not bad and len(errs) == 2
+
+
+@pytest.mark.skipif(not _backend._runs_on("triton", CPU) or "molora_gate_up" not in _backend._registry["triton"],
+                    reason="the triton backend does not run on CPU tensors here (no TRITON_INTERPRET=1)")
+def test_mlp_block_gate_up_provider_agrees():
+    """medcare-triton-gateup (under the interpreter here) computes the block the other providers do."""
+    m = MLPParams.random(16, 40, 4, 2, 4, 8, dtype=torch.float32, device=CPU)
+    x, dy = torch.randn(8, 16), torch.randn(8, 16)
+    fns = {"naive-medcare": (naive_medcare.NaiveMLP(m), []), "medcare-torch": (mc.mlp(m, "torch"), []),
+           "medcare-triton-gateup": (mc.mlp_gate_up(m, "triton"), [])}
+    errs, bad = harness.agree(harness.autograd_outputs(fns, x, dy), "naive-medcare", harness.tolerance(torch.float32))
+    assert not bad and set(errs) == {"medcare-torch", "medcare-triton-gateup"}
+
+
+def test_mlp_block_lists_the_gate_up_provider_where_triton_runs(monkeypatch):
+    """bench_molora's MLP block times medcare-triton-gateup next to medcare-triton exactly where the triton
+    backend runs natively (never under the interpreter, so not on CPU)."""
+    ctx = harness.Context(CPU, torch.float32, quick=True, warmup=0, repeats=1)
+    m = MLPParams.random(16, 40, 4, 2, 4, 8, dtype=torch.float32, device=CPU)
+    assert "medcare-triton-gateup" not in bench_molora._providers(ctx, m, "mlp-block")
+    monkeypatch.setattr(mc, "backends", lambda ops, device: ["torch", "triton"])
+    names = list(bench_molora._providers(ctx, m, "mlp-block"))
+    assert names.index("medcare-triton-gateup") == names.index("medcare-triton") + 1
+    assert "medcare-triton-gateup" not in bench_molora._providers(ctx, MoLoRAParams.random(
+        16, 40, 4, 2, 4, 8, dtype=torch.float32, device=CPU), "projection")
 
 
 def test_stage2_lora_providers_match_the_reference():

@@ -4,11 +4,13 @@ stage 2's packing and freezing, and train/eval mode preservation, on tiny Qwen2 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from pipeline_testing import (
     ATTN,
+    HIDDEN,
     MLP,
     NUM_LAYERS,
     input_ids,
@@ -21,8 +23,10 @@ from pipeline_testing import (
 )
 from torch import nn
 
+import medcare_kernels as mk
 from medcare.inject import InjectionError, adapter_modules, apply_stage1, apply_stage2
-from medcare.layers import LoRALinear, MoLoRALinear
+from medcare.layers import LoRALinear, MoLoRALinear, gate_up_forward, gate_up_fusable
+from medcare_kernels import _backend
 
 ARCH_IDS = ["qwen2", "llama"]
 
@@ -241,3 +245,101 @@ def test_injection_keeps_the_models_mode(stage, training):
         ids = input_ids()
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- fused gate+up path
+TRITON_ON_CPU = _backend._runs_on("triton", torch.device("cpu")) and "molora_gate_up" in _backend._registry["triton"]
+
+
+def _count_gate_up_calls(monkeypatch) -> list:
+    calls = []
+    real = mk.molora_gate_up
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mk, "molora_gate_up", counting)
+    return calls
+
+
+def _unfused(model):
+    """The same model with every MLP back on its class's forward (what stage 1 did before the fused path)."""
+    for _, module in model.named_modules():
+        if "forward" in vars(module):
+            del module.forward
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCH_IDS)
+def test_stage1_routes_mlps_through_gate_up_and_keeps_state_dict_and_classes(arch):
+    torch.manual_seed(0)
+    model = tiny_model(arch)
+    apply_stage1(model, stage1_config())
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(isinstance(m.forward, functools.partial) and m.forward.func is gate_up_forward for m in mlps)
+    assert type(mlps[0]) is type(tiny_model(arch).model.layers[0].mlp)    # the class is untouched
+    plain = _unfused(copy.deepcopy(model))
+    assert list(model.state_dict()) == list(plain.state_dict())
+    # deepcopy keeps the path pointing at the copy's own MLP, not the original's
+    twin = copy.deepcopy(model)
+    assert all(m.forward.args[0] is m for m in (layer.mlp for layer in twin.model.layers))
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the triton backend does not run on CPU tensors here")
+@pytest.mark.parametrize("arch", ARCH_IDS)
+def test_gate_up_path_matches_module_calls_on_triton(arch, monkeypatch):
+    """On the triton backend stage-1 MLPs run gate+up as one molora_gate_up call, with the outputs, gradients
+    and routing-hook reports of calling the two modules."""
+    torch.manual_seed(0)
+    fused = tiny_model(arch)
+    apply_stage1(fused, stage1_config())
+    randomize_adapters(fused)
+    plain = _unfused(copy.deepcopy(fused))
+    ids = input_ids()
+    calls = _count_gate_up_calls(monkeypatch)
+    results = []
+    for model in (fused, plain):
+        seen = []
+        for _, m in adapter_modules(model, MoLoRALinear):
+            m.register_routing_hook(lambda mod, x, idx, seen=seen: seen.append(idx.clone()))
+        model.train()
+        with mk.use_backend("triton"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, seen))
+    assert len(calls) == NUM_LAYERS                                         # fused: once per MLP; plain: never
+    (loss_f, grads_f, seen_f), (loss_p, grads_p, seen_p) = results
+    torch.testing.assert_close(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+    assert len(seen_f) == len(seen_p) == 3 * NUM_LAYERS and all(torch.equal(a, b) for a, b in zip(seen_f, seen_p))
+
+
+def test_gate_up_path_falls_back_to_the_module_calls(monkeypatch):
+    """Elsewhere the MLP's own forward runs: the torch backend, a merged projection, hooks on a projection."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    apply_stage1(model, stage1_config())
+    randomize_adapters(model)
+    ids = input_ids()
+    want = logits(_unfused(copy.deepcopy(model)), ids)
+    calls = _count_gate_up_calls(monkeypatch)
+    with mk.use_backend("torch"):
+        torch.testing.assert_close(logits(model, ids), want)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, HIDDEN)
+    hooked = []
+    handle = mlp.gate_proj.register_forward_hook(lambda *a: hooked.append(1))
+    assert not gate_up_fusable(mlp.gate_proj, mlp.up_proj, x)
+    mlp(x)
+    assert hooked == [1]
+    handle.remove()
+    mlp.up_proj.merge()
+    assert not gate_up_fusable(mlp.gate_proj, mlp.up_proj, x)
+    mlp.up_proj.unmerge()
+    with mk.use_backend("torch"):
+        assert not gate_up_fusable(mlp.gate_proj, mlp.up_proj, x)
+    assert calls == []

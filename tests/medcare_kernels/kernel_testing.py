@@ -71,12 +71,17 @@ def leaves(tensors, *, dtype=None, trainable=None):
 
 
 def run_with_grads(fn, inputs, grad_out=None, seed=1234):
-    """Call fn(*inputs), backprop a fixed random upstream gradient; return (y, [grad per input])."""
+    """Call fn(*inputs), backprop a fixed random upstream gradient; return (y, [grad per input], grad_out).
+    fn may return a tuple of outputs (molora_gate_up): grad_out is then a tuple, one per output."""
     torch.manual_seed(seed)
     y = fn(*inputs)
+    ys = tuple(y) if isinstance(y, (tuple, list)) else (y,)
     if grad_out is None:
-        grad_out = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    y.backward(grad_out.to(device=y.device, dtype=y.dtype))
+        gen = torch.Generator().manual_seed(7)
+        grad_out = tuple(torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in ys)
+        grad_out = grad_out if isinstance(y, (tuple, list)) else grad_out[0]
+    gs = tuple(grad_out) if isinstance(y, (tuple, list)) else (grad_out,)
+    torch.autograd.backward(ys, [g.to(device=t.device, dtype=t.dtype) for g, t in zip(gs, ys)])
     grads = [None if t is None or t.grad is None else t.grad for t in inputs]
     return y, grads, grad_out
 
@@ -124,16 +129,20 @@ MOLORA_TRAINABLE = (0, 3, 4, 5, 6)   # weight and bias stay frozen, as in traini
 MOLORA_DIN_POSITIONS = (0, 1, 3, 5)  # x, weight, router_weight, lora_a
 
 
-def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_positions, names):
+def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_positions, names, out_names=("y",)):
     """DESIGN §5 on y and every trainable gradient: `fused` on `base` cast to `dtype` against the same-dtype
-    reference (also with the Din reductions reversed) and the float64 reference. Returns fused's gradients."""
+    reference (also with the Din reductions reversed) and the float64 reference. Returns fused's gradients.
+    With several out_names, fused and ref return that many outputs and each is held to the rule."""
     y, grads, g = run_with_grads(fused, leaves(base, dtype=dtype, trainable=trainable))
     y_ref, grads_ref, _ = run_with_grads(ref, leaves(base, dtype=dtype, trainable=trainable), g)
     rev_in = reversed_reduction(leaves(base, dtype=dtype, trainable=trainable), din_positions)
     y_rev, grads_rev, _ = run_with_grads(ref, rev_in, g)
     grads_rev = unreverse(grads_rev, din_positions)
     y_true, grads_true, _ = run_with_grads(ref, leaves(base, trainable=trainable), g)
-    assert_within_rule("y", y, (y_ref, y_rev), y_true)
+    if len(out_names) == 1:
+        y, y_ref, y_rev, y_true = (y,), (y_ref,), (y_rev,), (y_true,)
+    for k, name in enumerate(out_names):
+        assert_within_rule(name, y[k], (y_ref[k], y_rev[k]), y_true[k])
     for i in trainable:
         assert_within_rule(f"d {names[i]}", grads[i], (grads_ref[i], grads_rev[i]), grads_true[i])
     return grads
@@ -142,6 +151,25 @@ def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_position
 def call_backend(backend: str, fn, *args, **kwargs):
     with mk.use_backend(backend):
         return fn(*args, **kwargs)
+
+
+# molora_gate_up's arguments flattened: x, then gate's and up's (weight, bias, router_weight, router_bias, lora_a,
+# lora_b); `gate_up_call` turns a function of the 13 tensors into the op's (x, gate, up) call.
+GATE_UP_NAMES = ("x", *(f"gate.{n}" for n in MOLORA_NAMES[1:]), *(f"up.{n}" for n in MOLORA_NAMES[1:]))
+GATE_UP_TRAINABLE = (0, 3, 4, 5, 6, 9, 10, 11, 12)
+GATE_UP_DIN_POSITIONS = (0, 1, 3, 5, 7, 9, 11)
+
+
+def gate_up_inputs(T, d_in, d_out, E, R, rs_gate, rs_up, **kw):
+    """x and two MoLoRA projections of it (same E and R; the shared ranks may differ), flattened to 13 tensors."""
+    x, *gate = molora_inputs(T, d_in, d_out, E, R, rs_gate, **kw)
+    _, *up = molora_inputs(T, d_in, d_out, E, R, rs_up, **kw)
+    return [x, *gate, *up]
+
+
+def gate_up_call(fn, **kw):
+    """f(*13 tensors) = fn(x, gate, up, **kw): molora_gate_up's signature for run_with_grads and friends."""
+    return lambda *t: fn(t[0], t[1:7], t[7:13], **kw)
 
 
 @contextlib.contextmanager

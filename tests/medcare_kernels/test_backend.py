@@ -51,5 +51,5 @@ def test_unbuilt_backends_raise_clearly_when_requested(name, monkeypatch):
 def test_available_backends_explains_each():
     status = mk.available_backends()
     assert set(status) == {"torch", "triton", "ext"}
-    assert status["torch"].startswith("available (lora_linear, molora_linear, orth_penalty, route_topk")
+    assert status["torch"].startswith("available (lora_linear, molora_gate_up, molora_linear, orth_penalty, route_topk")
     assert mk.HAS_EXT == bool(_backend._registry["ext"]) or mk.HAS_EXT

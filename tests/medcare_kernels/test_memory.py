@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import backends_for, call_backend, leaves, lora_inputs, molora_inputs
+from kernel_testing import (
+    GATE_UP_TRAINABLE,
+    backends_for,
+    call_backend,
+    gate_up_call,
+    gate_up_inputs,
+    leaves,
+    lora_inputs,
+    molora_inputs,
+)
 
 import medcare_kernels as mk
 
@@ -38,6 +47,21 @@ def test_molora_saves_only_low_rank_activations_beyond_x(backend, dropout):
     budget = T * (E * R + Rs) * elt + T * E * 4 + T * K * 8 + 16 * 1024
     assert extra <= budget, f"saved {extra} B beyond the inputs, budget {budget} B"
     assert extra < T * E * d_out * elt / 10, "something of size T*E*Dout is being kept"
+    assert extra < T * d_in * elt, "a copy of x (e.g. a dropout mask or dropped-out x) is being kept"
+
+
+@pytest.mark.parametrize("backend", backends_for("molora_gate_up"))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_molora_gate_up_saves_x_once_and_low_rank_activations(backend, dropout):
+    T, d_in, d_out, E, K, R, Rs = 256, 256, 512, 8, 2, 4, 8
+    inputs = leaves(gate_up_inputs(T, d_in, d_out, E, R, Rs, Rs), trainable=GATE_UP_TRAINABLE)
+    kw = dict(num_experts=E, top_k=K, expert_rank=R, scaling=2.0, dropout=dropout)
+    fn = gate_up_call(lambda *a, **k: call_backend(backend, mk.molora_gate_up, *a, **k), **kw)
+    extra, _ = saved_bytes_beyond_inputs(fn, inputs)
+    elt = 4
+    # Per projection h [T, E*R+Rs], probs [T, E] fp32, indices [T, K]; x itself is the caller's (never copied).
+    budget = 2 * (T * (E * R + Rs) * elt + T * E * 4 + T * K * 8) + 16 * 1024
+    assert extra <= budget, f"saved {extra} B beyond the inputs, budget {budget} B"
     assert extra < T * d_in * elt, "a copy of x (e.g. a dropout mask or dropped-out x) is being kept"
 
 

@@ -52,6 +52,56 @@ def test_molora_bad_arguments(case):
         _molora(**changes)
 
 
+def _gate_up(**changes):
+    """molora_gate_up with one change: a keyword, or "gate"/"up" -> {index: replacement} for that projection."""
+    x, *t = molora_inputs(5, 10, 7, 4, 3, 2)
+    gate, up = list(t), [u.clone() if u is not None else None for u in t]
+    kw = dict(KW)
+    for k, v in changes.items():
+        if k in ("gate", "up"):
+            target = gate if k == "gate" else up
+            if isinstance(v, dict):
+                for i, r in v.items():
+                    target[i] = r
+            else:
+                gate, up = (v, up) if k == "gate" else (gate, v)
+        elif k == "x":
+            x = v
+        else:
+            kw[k] = v
+    return mk.molora_gate_up(x, gate, up, **kw)
+
+
+GATE_UP_BAD = {
+    "up lora_a rows": (dict(up={4: torch.randn(11, 10)}),
+                       r"up\[4\] \(lora_a\) must have shape \[num_experts\*expert_rank \+ shared_rank, Din\] = "
+                       r"\[4\*3 \+ Rs \(Rs >= 0\), 10\], got \[11, 10\]"),
+    "gate router_weight": (dict(gate={2: torch.randn(5, 10)}),
+                           r"gate\[2\] \(router_weight\) must have shape \[num_experts, Din\] = \[4, 10\]"),
+    "up bias": (dict(up={1: torch.randn(8)}), r"up\[1\] \(bias\) must have shape \[Dout\] = \[7\], got \[8\]"),
+    "up Din": (dict(up={0: torch.randn(7, 11)}),
+               r"up\[0\] \(weight\) must have shape \[Dout, Din\] with Din = gate\[0\] \(weight\).shape\[1\] = 10 "
+               r"\(gate and up read the same x\), got \[7, 11\]"),
+    "x Din": (dict(x=torch.randn(5, 11)),
+              r"x must have shape \[\.\.\., Din\] with Din = gate\[0\] \(weight\).shape\[1\] = 10, got \[5, 11\]"),
+    "dtype": (dict(up={5: torch.randn(7, 14, dtype=torch.float64)}),
+              r"up\[5\] \(lora_b\) is torch.float64 but gate\[5\] \(lora_b\) is torch.float32; gate and up must"),
+    "device": (dict(up={5: torch.randn(7, 14, device="meta")}), r"up\[5\] \(lora_b\) is on meta but x is on cpu"),
+    "up not a tuple": (dict(up=torch.randn(3)), r"up must be a tuple \(weight, bias, router_weight, router_bias, "
+                                                r"lora_a, lora_b\), got Tensor"),
+    "gate too short": (dict(gate=(torch.randn(7, 10),)), r"gate must be a tuple .*, got 1 items"),
+    "top_k": (dict(top_k=5), r"top_k must be <= num_experts = 4, got 5"),
+    "dropout": (dict(dropout=1.0), r"dropout must be a float in \[0, 1\), got 1.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_UP_BAD), ids=list(GATE_UP_BAD))
+def test_molora_gate_up_bad_arguments(case):
+    changes, pattern = GATE_UP_BAD[case]
+    with pytest.raises(ValueError, match=r"^molora_gate_up: " + pattern):
+        _gate_up(**changes)
+
+
 def test_lora_bad_arguments():
     x, w, b, a, bb = lora_inputs(4, 8, 6, 2)
     with pytest.raises(ValueError, match=r"lora_a must have shape \[R, Din\] = \[R, 8\], got \[2, 9\]"):
