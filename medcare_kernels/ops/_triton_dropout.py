@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_gemm import INTERPRET, dot_flags, mma
+from ._triton_gemm import INTERPRET, dot_flags, mma, token_splits
 
 # Token rows and Din columns per program: small under the interpreter (it runs every program in Python).
 BLOCK_T = 16 if INTERPRET else 32
@@ -147,11 +147,7 @@ def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tenso
     if t == 0 or r == 0:
         return torch.zeros(r, din, dtype=x.dtype, device=x.device)
     n_d = triton.cdiv(din, BLOCK_D)
-    sms = 4 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
-    # Enough token splits to fill the machine twice over; each split covers whole token tiles.
-    n_split = max(1, min(triton.cdiv(t, 4 * WGRAD_BLOCK_T), triton.cdiv(2 * sms, n_d)))
-    per = triton.cdiv(triton.cdiv(t, n_split), WGRAD_BLOCK_T) * WGRAD_BLOCK_T
-    n_split = triton.cdiv(t, per)
+    n_split, per = token_splits(t, n_d, WGRAD_BLOCK_T, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty(n_split, r, din, dtype=acc, device=x.device)
     _wgrad_kernel[(n_d, n_split)](ds, x, part, t, din, r, x.stride(0), per, seed, p, 1.0 / (1.0 - p),

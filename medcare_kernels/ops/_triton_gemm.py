@@ -103,6 +103,16 @@ def _gemm2_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+def token_splits(t: int, n_blocks: int, block_t: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens per split) for a weight-gradient kernel whose programs are (Din block, token split): enough
+    splits over T to fill the machine twice over with `n_blocks` Din blocks, each covering whole token tiles (its
+    fp32 partials are summed afterwards: deterministic, no atomics)."""
+    sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    n_split = max(1, min(triton.cdiv(t, 4 * block_t), triton.cdiv(2 * sms, n_blocks)))
+    per = triton.cdiv(triton.cdiv(t, n_split), block_t) * block_t
+    return triton.cdiv(t, per), per
+
+
 def use_fused_gemm(device: torch.device) -> bool:
     """True when the base GEMM and the low-rank expand should run as one Triton GEMM (see the module doc)."""
     choice = os.environ.get("MEDCARE_TRITON_GEMM", "auto").strip().lower()

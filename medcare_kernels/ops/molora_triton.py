@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..reference import router_dtype
 from ._common import apply_keep, grad_like
-from ._triton_gemm import INTERPRET, dropped, flat_input, gemm2, use_fused_gemm
+from ._triton_gemm import INTERPRET, dropped, flat_input, gemm2, token_splits, use_fused_gemm
 
 # ---------------------------------------------------------------------------------------------- tile configs
 BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
@@ -293,11 +293,7 @@ def router_wgrad(dl, x):
         return torch.zeros(e, din, dtype=dl.dtype, device=x.device)
     block_d = _wgrad_block_d(_pad(e))
     n_d = triton.cdiv(din, block_d)
-    sms = 4 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
-    # Enough splits over T to fill the machine twice over; each split covers whole token tiles.
-    n_split = max(1, min(triton.cdiv(t, 4 * WGRAD_BLOCK_T), triton.cdiv(2 * sms, n_d)))
-    per = triton.cdiv(triton.cdiv(t, n_split), WGRAD_BLOCK_T) * WGRAD_BLOCK_T
-    n_split = triton.cdiv(t, per)
+    n_split, per = token_splits(t, n_d, WGRAD_BLOCK_T, x.device)
     part = torch.empty(n_split, e, din, dtype=dl.dtype, device=x.device)
     _router_wgrad[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
                                   ACC=_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=_pad(e))

@@ -114,12 +114,16 @@ def test_agreement_rejects_a_wrong_provider():
 
 def test_orth_case_agrees_and_times_every_provider():
     ctx = harness.Context(CPU, torch.float32, quick=True, warmup=0, repeats=1)
-    recs = bench_orth.run_case(ctx, "tiny", 2, 16, 40, 4)
     built = {f"medcare-{b}" for b in mc.backends(("orth_penalty",), CPU)}   # torch, and ext where it is compiled
     assert "medcare-torch" in built
-    assert {r.provider for r in recs} == {"naive-medcare", "naive-peft"} | built
-    assert all(r.skipped is None and r.median_ms > 0 and r.extra["agreement_rel_err"] < 1e-5
-               for r in recs if r.provider != "naive-medcare")
+    for dtype, tol in [("float32", 1e-5), ("bfloat16", 3e-2)]:
+        recs = bench_orth.run_case(ctx, "tiny", 2, 16, 40, 4, dtype)
+        assert {r.provider for r in recs} == {"naive-medcare", "naive-peft"} | built
+        assert all(r.skipped is None and r.median_ms > 0 and r.extra["agreement_rel_err"] < tol
+                   for r in recs if r.provider != "naive-medcare")
+        # The header states the least traffic: 2 layers x 3 pairs of [4, 16|16|40] A's, 2 bytes or 4 each.
+        a_bytes = 2 * 2 * 4 * (16 + 16 + 40) * (4 if dtype == "float32" else 2)
+        assert recs[0].shape["traffic"] == f"{harness.fmt_bytes(a_bytes)}/{harness.fmt_bytes(3 * a_bytes)}"
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
