@@ -50,12 +50,13 @@ def _keep(seed, rows, cols, DIN, p):
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+# Row offsets into x / dX are 64-bit: T * Din passes 2^31 at e.g. 196k tokens of an 11008-wide input.
 @triton.jit
 def _mask_kernel(out_ptr, T, DIN, seed, p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (rows < T)[:, None] & (cols < DIN)[None, :]
-    tl.store(out_ptr + rows[:, None] * DIN + cols[None, :], _keep(seed, rows, cols, DIN, p).to(tl.int8), mask=ok)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * DIN + cols[None, :], _keep(seed, rows, cols, DIN, p).to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, DIN, R, s_xt, seed, p, scale, IEEE: t
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
-        x = tl.load(x_ptr + rows[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         x = tl.where(_keep(seed, rows, d, DIN, p), x, tl.zeros_like(x))
         a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc = mma(x, tl.trans(a), acc, IEEE, UPCAST)
@@ -91,7 +92,7 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, T, DIN, R, s_xt, T_PER_SPLIT, seed, p,
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
-        x = tl.load(x_ptr + t[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + t[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         x = tl.where(_keep(seed, t, d, DIN, p), x, tl.zeros_like(x))
         ds_t = tl.load(ds_ptr + t[None, :] * R + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         acc = mma(ds_t, x, acc, IEEE, UPCAST)
@@ -111,7 +112,7 @@ def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, T, DIN, R, s_dxt, seed, p, scale, IEEE
     a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     upd = mma(ds, a, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), IEEE, UPCAST)
     upd = tl.where(_keep(seed, rows, d, DIN, p), upd * scale, 0.0)
-    ptrs = dx_ptr + rows[:, None] * s_dxt + d[None, :]
+    ptrs = dx_ptr + rows[:, None].to(tl.int64) * s_dxt + d[None, :]
     ok = t_ok[:, None] & d_ok[None, :]
     tl.store(ptrs, (tl.load(ptrs, mask=ok, other=0.0).to(ACC) + upd).to(dx_ptr.dtype.element_ty), mask=ok)
 
