@@ -76,25 +76,26 @@ def _gemm2_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
     pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
     pid_n = (pid % (GROUP_M * n_n)) // size_m
     rm = pid_m * BM + tl.arange(0, BM)
+    rm64 = rm.to(tl.int64)  # row offsets of [T, *] operands are 64-bit: T * Dout passes 2^31 at ~196k tokens
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K1, BK):
         kk = k0 + rk
-        a = tl.load(a1_ptr + rm[:, None] * s_a1m + kk[None, :] * s_a1k, mask=m_ok[:, None] & (kk[None, :] < K1),
+        a = tl.load(a1_ptr + rm64[:, None] * s_a1m + kk[None, :] * s_a1k, mask=m_ok[:, None] & (kk[None, :] < K1),
                     other=0.0)
         b = tl.load(b1_ptr + kk[:, None] * s_b1k + rn[None, :] * s_b1n, mask=(kk[:, None] < K1) & n_ok[None, :],
                     other=0.0)
         acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
     for k0 in range(0, K2, BK):
         kk = k0 + rk
-        a = tl.load(a2_ptr + rm[:, None] * s_a2m + kk[None, :] * s_a2k, mask=m_ok[:, None] & (kk[None, :] < K2),
+        a = tl.load(a2_ptr + rm64[:, None] * s_a2m + kk[None, :] * s_a2k, mask=m_ok[:, None] & (kk[None, :] < K2),
                     other=0.0)
         b = tl.load(b2_ptr + kk[:, None] * s_b2k + rn[None, :] * s_b2n, mask=(kk[:, None] < K2) & n_ok[None, :],
                     other=0.0)
         acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
-    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    c_ptrs = c_ptr + rm64[:, None] * s_cm + rn[None, :] * s_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]

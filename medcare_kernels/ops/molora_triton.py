@@ -82,7 +82,7 @@ def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
-        x = tl.load(x_ptr + rows[:, None] * s_xt + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         rw = tl.load(rw_ptr + cols_e[:, None] * s_rwt + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         # Router in fp32 from the exact upcast of x: bf16 logits could overflow or flip the top-K.
         acc = tl.dot(x.to(ACC), tl.trans(rw.to(ACC)), acc, input_precision=PREC)
@@ -186,7 +186,7 @@ def _router_wgrad(dl_ptr, x_ptr, out_ptr, T, DIN, E, s_xt, T_PER_SPLIT, PREC: tl
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
-        x = tl.load(x_ptr + t[:, None] * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + t[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         dl = tl.load(dl_ptr + t[None, :] * E + ce[:, None], mask=t_ok[None, :] & (ce < E)[:, None], other=0.0)
         acc = tl.dot(dl.to(ACC), x.to(ACC), acc, input_precision=PREC)
     tl.store(out_ptr + split * E * DIN + ce[:, None] * DIN + d[None, :], acc, mask=(ce < E)[:, None] & d_ok[None, :])
