@@ -20,6 +20,9 @@ TORCH_LIBRARY(medcare, m) {
   // orth_penalty.cpp / orth_penalty_cuda.cu: sum_i sum |A_base_i A_orth_i^T| over all pairs in one launch;
   // signs = sign(A_base_i A_orth_i^T) packed pair after pair (all the backward keeps).
   m.def("orth_penalty(Tensor[] a_base, Tensor[] a_orth) -> (Tensor loss, Tensor signs)");
+  // The gradients of each side come back flat, parameter after parameter ([0] for a side that needs none):
+  // one allocation, and outputs that do not alias each other (the custom-op rule torch.compile enforces);
+  // medcare_kernels/_ext.py views them per parameter.
   m.def("orth_penalty_backward(Tensor grad, Tensor signs, Tensor[] a_base, Tensor[] a_orth, bool need_base, "
-        "bool need_orth) -> (Tensor[] d_base, Tensor[] d_orth)");
+        "bool need_orth) -> (Tensor d_base, Tensor d_orth)");
 }

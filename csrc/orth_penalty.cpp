@@ -1,10 +1,11 @@
 // orth_penalty: argument checks, the CPU implementation (what CI runs) and the CUDA binding of orth_penalty_cuda.cu.
 // Schemas: csrc/ops.cpp. Python side (register_fake, register_autograd): medcare_kernels/_ext.py.
 //   orth_penalty(a_base[i] [r1_i, din_i], a_orth[i] [r2_i, din_i]) -> loss (0-d), signs (sum_i r1_i r2_i)
-//   orth_penalty_backward(grad, signs, a_base, a_orth, need_base, need_orth) -> d_base[], d_orth[]
+//   orth_penalty_backward(grad, signs, a_base, a_orth, need_base, need_orth) -> d_base, d_orth (each side flat,
+//   parameter after parameter; [0] for a side that needs none)
 // loss and signs are fp32 (fp64 for fp64 parameters); signs = sign(A_base_i A_orth_i^T), packed pair after pair,
-// is all the backward keeps. The gradients come back in the parameters' dtype; a side that needs none is an
-// empty list. All tensors share one dtype and device (medcare_kernels._ext casts mixed dtypes first).
+// is all the backward keeps. The gradients come back in the parameters' dtype. All tensors share one dtype and
+// device (medcare_kernels._ext casts mixed dtypes first).
 #include <torch/library.h>
 
 #include <cstring>
@@ -70,39 +71,41 @@ void check_backward(const at::Tensor& grad, const at::Tensor& signs, const Tenso
                     a_base[0].device(), ", got ", signs.scalar_type(), " ", signs.sizes(), " on ", signs.device());
 }
 
-// The gradients of one side as views of a single allocation: one allocator call instead of one per parameter
-// (at 84 pairs the per-tensor allocations cost more host time than the CUDA kernel's device time). Each view is
-// a contiguous tensor of its own, so autograd's AccumulateGrad adopts it as .grad without a copy, as with DDP's
-// gradient_as_bucket_view.
-TensorList flat_like(const TensorList& ts) {
+// One side's gradients in one allocation, parameter after parameter (the op's output), and its per-parameter
+// views (what the kernels write through): one allocator call instead of one per parameter.
+struct FlatGrads {
+  at::Tensor flat;
+  TensorList views;
+};
+
+FlatGrads flat_like(const TensorList& ts, bool needed) {
+  if (!needed) return {at::empty({0}, ts[0].options()), {}};
   std::vector<int64_t> numels;
   numels.reserve(ts.size());
   for (const auto& t : ts) numels.push_back(t.numel());
-  const auto parts = at::empty({std::accumulate(numels.begin(), numels.end(), int64_t{0})}, ts[0].options())
-                         .split_with_sizes(numels);
-  TensorList out;
-  out.reserve(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) out.push_back(parts[i].view(ts[i].sizes()));
-  return out;
+  FlatGrads g{at::empty({std::accumulate(numels.begin(), numels.end(), int64_t{0})}, ts[0].options()), {}};
+  const auto parts = g.flat.split_with_sizes(numels);
+  g.views.reserve(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) g.views.push_back(parts[i].view(ts[i].sizes()));
+  return g;
 }
 
-std::tuple<TensorList, TensorList> orth_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& signs,
+std::tuple<at::Tensor, at::Tensor> orth_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& signs,
                                                              const TensorList& a_base, const TensorList& a_orth,
                                                              bool need_base, bool need_orth) {
   check_backward(grad, signs, a_base, a_orth);
   const auto acc = acc_dtype(a_base[0].scalar_type());
   const auto g = grad.reshape({}).to(acc);
-  TensorList d_base = need_base ? flat_like(a_base) : TensorList{};
-  TensorList d_orth = need_orth ? flat_like(a_orth) : TensorList{};
+  auto d_base = flat_like(a_base, need_base), d_orth = flat_like(a_orth, need_orth);
   int64_t off = 0;
   for (size_t i = 0; i < a_base.size(); ++i) {
     const int64_t r1 = a_base[i].size(0), r2 = a_orth[i].size(0);
     const auto s = signs.narrow(0, off, r1 * r2).view({r1, r2}) * g;
     off += r1 * r2;
-    if (need_base) d_base[i].copy_(at::mm(s, a_orth[i].to(acc)));
-    if (need_orth) d_orth[i].copy_(at::mm(s.t(), a_base[i].to(acc)));
+    if (need_base) d_base.views[i].copy_(at::mm(s, a_orth[i].to(acc)));
+    if (need_orth) d_orth.views[i].copy_(at::mm(s.t(), a_base[i].to(acc)));
   }
-  return {d_base, d_orth};
+  return {d_base.flat, d_orth.flat};
 }
 
 #ifdef MEDCARE_WITH_CUDA
@@ -182,10 +185,10 @@ std::tuple<at::Tensor, at::Tensor> orth_penalty_cuda(const TensorList& a_base_in
   return {loss, signs};
 }
 
-std::tuple<TensorList, TensorList> orth_penalty_backward_cuda(const at::Tensor& grad_in, const at::Tensor& signs_in,
-                                                              const TensorList& a_base_in,
-                                                              const TensorList& a_orth_in, bool need_base,
-                                                              bool need_orth) {
+std::tuple<at::Tensor, at::Tensor> orth_penalty_backward_cuda(const at::Tensor& grad_in, const at::Tensor& signs_in,
+                                                               const TensorList& a_base_in,
+                                                               const TensorList& a_orth_in, bool need_base,
+                                                               bool need_orth) {
   check_backward(grad_in, signs_in, a_base_in, a_orth_in);
   check_cuda_ranks(a_base_in, a_orth_in);
   c10::DeviceGuard guard(a_base_in[0].device());
@@ -193,14 +196,13 @@ std::tuple<TensorList, TensorList> orth_penalty_backward_cuda(const at::Tensor& 
   const auto acc = acc_dtype(a_base[0].scalar_type());
   const auto grad = grad_in.reshape({}).to(acc).contiguous();
   const auto signs = signs_in.contiguous();
-  TensorList d_base = need_base ? flat_like(a_base) : TensorList{};
-  TensorList d_orth = need_orth ? flat_like(a_orth) : TensorList{};
-  if (!need_base && !need_orth) return {d_base, d_orth};
-  const auto table = upload_table(a_base, a_orth, kOrthBwdChunk, d_base, d_orth);
+  auto d_base = flat_like(a_base, need_base), d_orth = flat_like(a_orth, need_orth);
+  if (!need_base && !need_orth) return {d_base.flat, d_orth.flat};
+  const auto table = upload_table(a_base, a_orth, kOrthBwdChunk, d_base.views, d_orth.views);
   orth_penalty_bwd_cuda(to_dtype(a_base[0].scalar_type()), table.device.data_ptr(),
                         static_cast<int64_t>(a_base.size()), table.n_items, signs.data_ptr(), grad.data_ptr(),
                         current_stream(grad.device()));
-  return {d_base, d_orth};
+  return {d_base.flat, d_orth.flat};
 }
 #endif
 

@@ -13,7 +13,8 @@ pytorch/extension-cpp: `register_fake` (shapes for torch.compile / meta tensors)
 The `ext` backend calls the ops inside plain autograd.Functions (_RouteTopK, _OrthPenalty) rather than through
 the registered autograd, whose per-call Python work (pytree over the tensor lists) is larger than the kernels'
 device time; both routes run the same forward and backward ops, and torch.compile traces either. The
-orth_penalty backward returns each side's gradients as views of one allocation (one allocator call, not 168).
+orth_penalty backward returns each side's gradients flat, in one allocation (one allocator call, not 168), which
+the Python side views per parameter.
 
 Limits of the CUDA kernels: E <= 64 experts, top_k <= 8, adapter ranks <= 64 (the CPU implementations have
 none). Beyond them `auto` runs the torch backend and an explicit `ext` raises BackendUnavailableError.
@@ -75,13 +76,19 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("medcare::orth_penalty_backward")
     def _orth_penalty_backward_fake(grad, signs, a_base, a_orth, need_base, need_orth):
-        return (_flat_like(a_base) if need_base else []), (_flat_like(a_orth) if need_orth else [])
+        def flat(tensors, needed):
+            return tensors[0].new_empty((sum(t.numel() for t in tensors) if needed else 0,))
+
+        return flat(a_base, need_base), flat(a_orth, need_orth)
 
 
-def _flat_like(tensors):
-    """As the C++ impls: one side's gradients are views of one allocation (csrc/orth_penalty.cpp flat_like)."""
-    flat = tensors[0].new_empty((sum(t.numel() for t in tensors),))
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+def _per_parameter(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    """A side's flat gradient (orth_penalty_backward) as one view per parameter, in one C++ call. Autograd adopts
+    each view as that parameter's .grad without a copy (one allocation for the side, not one per parameter).
+    Traced (torch.compile, opcheck's dynamic shapes), where the C++ helper cannot take symbolic sizes: split."""
+    if torch.compiler.is_compiling() or type(flat) is not torch.Tensor:  # fake/functional tensors while tracing
+        return [p.view(t.shape) for p, t in zip(flat.split([t.numel() for t in params]), params, strict=True)]
+    return list(torch._utils._unflatten_dense_tensors(flat, params))
 
 
 def _route_topk_setup(ctx, inputs, output):
@@ -112,13 +119,13 @@ def _orth_penalty_backward(ctx, grad, _d_signs):
     need_base, need_orth = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
     if grad is None or not (need_base or need_orth):
         return [None] * n, [None] * n
-    d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], list(saved[:n]), list(saved[n:2 * n]),
-                                                             need_base, need_orth)
+    a_base, a_orth = list(saved[:n]), list(saved[n:2 * n])
+    d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], a_base, a_orth, need_base, need_orth)
     # List inputs take lists of gradients, None where a tensor needs none.
-    return ([g if want else None for g, want in zip(d_base, ctx.needs_input_grad[0], strict=True)] if need_base
-            else [None] * n,
-            [g if want else None for g, want in zip(d_orth, ctx.needs_input_grad[1], strict=True)] if need_orth
-            else [None] * n)
+    return ([g if want else None for g, want in zip(_per_parameter(d_base, a_base), ctx.needs_input_grad[0],
+                                                    strict=True)] if need_base else [None] * n,
+            [g if want else None for g, want in zip(_per_parameter(d_orth, a_orth), ctx.needs_input_grad[1],
+                                                    strict=True)] if need_orth else [None] * n)
 
 
 class _RouteTopK(torch.autograd.Function):
@@ -159,9 +166,11 @@ class _OrthPenalty(torch.autograd.Function):
         need_base, need_orth = any(wants[:n]), any(wants[n:])
         if not (need_base or need_orth):
             return (None,) * (2 * n + 1)
-        d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], list(saved[:n]),
-                                                                 list(saved[n:2 * n]), need_base, need_orth)
-        grads = (d_base if need_base else [None] * n) + (d_orth if need_orth else [None] * n)
+        a_base, a_orth = list(saved[:n]), list(saved[n:2 * n])
+        d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], a_base, a_orth, need_base,
+                                                                 need_orth)
+        grads = ((_per_parameter(d_base, a_base) if need_base else [None] * n)
+                 + (_per_parameter(d_orth, a_orth) if need_orth else [None] * n))
         return (None, *(g if want else None for g, want in zip(grads, wants, strict=True)))
 
 
