@@ -220,10 +220,12 @@ def gpu_busy(call: Timed, device: torch.device, repeats: int) -> float | None:
 
 def busy_ms(events) -> float | None:
     """From profiler (kineto) events: the median over the host-side windows of `_MARK` of the summed durations
-    of the device events that start inside each window (the device's copy of the annotation excluded), in ms;
-    None when no window saw any."""
+    of the device's work (kernels, copies, memsets) that starts inside each window, in ms; None when no window
+    saw any. Annotations are not work: every record_function range (ours, the optimizer's step, ...) also has
+    a span on the GPU timeline covering the kernels it launched."""
     windows = [(e.start_ns(), e.end_ns()) for e in events if e.name() == _MARK and e.device_type().name == "CPU"]
-    work = [(e.start_ns(), e.duration_ns()) for e in events if e.device_type().name != "CPU" and e.name() != _MARK]
+    work = [(e.start_ns(), e.duration_ns()) for e in events
+            if e.device_type().name != "CPU" and not e.is_user_annotation()]
     per = [sum(d for t, d in work if lo <= t <= hi) for lo, hi in sorted(windows)]
     return statistics.median(per) / 1e6 if any(per) else None
 

@@ -69,8 +69,12 @@ def test_ratio_table_reports_ratios_and_skips():
 class _Event:
     """What busy_ms reads of a kineto event."""
 
-    def __init__(self, name, device, start, dur):
+    def __init__(self, name, device, start, dur, annotation=False):
         self._n, self._d, self._s, self._dur = name, types.SimpleNamespace(name=device), start, dur
+        self._a = annotation
+
+    def is_user_annotation(self):
+        return self._a
 
     def name(self):
         return self._n
@@ -91,7 +95,8 @@ class _Event:
 def test_busy_ms_sums_device_work_inside_each_timed_window():
     mark = harness._MARK
     events = [_Event("flush", "CUDA", 0, 900_000),                     # before the first window: not counted
-              _Event(mark, "CPU", 1_000_000, 1_000_000), _Event(mark, "CUDA", 1_000_100, 500_000),
+              _Event(mark, "CPU", 1_000_000, 1_000_000), _Event(mark, "CUDA", 1_000_100, 500_000, True),
+              _Event("Optimizer.step#AdamW.step", "CUDA", 1_100_000, 450_000, True),   # a span, not work
               _Event("gemm", "CUDA", 1_100_000, 300_000), _Event("copy", "CUDA", 1_500_000, 100_000),
               _Event("aten::mm", "CPU", 1_050_000, 50_000),               # host work: not counted
               _Event(mark, "CPU", 3_000_000, 1_000_000), _Event("gemm", "CUDA", 3_100_000, 200_000),
