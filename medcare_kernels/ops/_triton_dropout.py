@@ -1,7 +1,9 @@
 """Dropout on the adapters' input, fused into the skinny kernels that read it (Triton backend of lora_linear).
 
-The mask is never stored: keep[t, d] = U(seed, t * Din + d) >= p, U being Triton's Philox stream (tl.rand) under
-one seed per call, and every kernel that needs drop(x) regenerates the bits it reads:
+The mask is never stored: every kernel that needs drop(x) regenerates the bits it reads from one seed per call.
+keep[t, d] = U >= p, with U lane d % 4 of Philox4x32-10(seed, counter = t * ceil(Din / 4) + d // 4) mapped to
+[0, 1): one Philox evaluation serves four columns (a call per element cost ~100 instructions, more than reading
+x), and the 64-bit counter is split into two 32-bit words by hand, so every Triton version draws the same bits.
 
     shrink(x, A)        h = drop(x) A^T                [T, R]    one pass over x
     wgrad(dS, x)        dA = dS^T drop(x)              [R, Din]  one pass over x; fp32 partials per token split,
@@ -13,10 +15,15 @@ mask and a dropped copy of x, in the forward and again in the backward, and the 
 three more [T, Din] passes: about 1.3 GB at T=8192, Din=4096 in bf16, 0.4 ms of an H100's bandwidth per
 projection. Here the extra traffic is the one read of x in each of shrink and wgrad and one read-modify-write of
 dX. drop(x) is scaled by 1/(1-p) in fp32, after the dot (the reference rounds x/(1-p) to x's dtype first).
+Launch shapes: 8 warps for shrink and wgrad (at 4 the Philox state spilled registers on sm_90), narrower Din
+blocks for fp32 and for ranks over 64 (shared memory), 32-token wgrad tiles for fp32. `ptxas -v` of the sm_90a
+builds (offline, Triton's ptxas): no spills at bf16/fp32 for ranks 16/64/128, 117-254 registers.
 
 The draw is not the torch backend's (Philox in Triton vs torch's generator), so the two backends drop different
-elements under one torch seed; `keep_mask` materialises this one for tests. The seed comes from torch's CPU
-generator (`draw_seed`: torch.manual_seed reproduces it, and drawing it never synchronises with a GPU).
+elements under one torch seed; `keep_mask` materialises this one for tests. The seed is drawn on x's device by
+torch's generator (`draw_seed`) and read by the kernels from device memory: torch.manual_seed reproduces it,
+nothing synchronises, and a CUDA graph replays a fresh draw each time instead of freezing one seed in a kernel
+argument. Under torch.compile with inductor, the seed comes from inductor's RNG (aot_eager draws as eager does).
 """
 
 from __future__ import annotations
@@ -29,48 +36,66 @@ from ._triton_gemm import INTERPRET, dot_flags, mma, token_splits
 
 # Token rows and Din columns per program: small under the interpreter (it runs every program in Python).
 BLOCK_T = 16 if INTERPRET else 32
-BLOCK_D = 32 if INTERPRET else 128
 WGRAD_BLOCK_T = 16 if INTERPRET else 64
+DX_BLOCK_D = 32 if INTERPRET else 128
 
 
 def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def draw_seed() -> torch.Tensor:
-    """One call's dropout seed: an int64 CPU scalar from torch's default CPU generator."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def _block_d(dtype: torch.dtype, r_pad: int) -> int:
+    """Din columns per step of shrink and wgrad: 128 for 16-bit inputs up to rank 64; fp32 tiles and wider ranks
+    take less so the pipelined tiles fit in shared memory."""
+    if INTERPRET:
+        return 32
+    return 32 if r_pad > 64 else (64 if dtype in (torch.float32, torch.float64) else 128)
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """One call's dropout seed: an int64 [1] tensor on `device`, from torch's generator of that device."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 @triton.jit
-def _keep(seed, rows, cols, DIN, p):
-    """The keep bits of rows x cols: one Philox draw per element of the flattened [T, DIN] input (64-bit offsets,
-    so T * DIN may exceed 2^32)."""
-    return tl.rand(seed, rows[:, None].to(tl.int64) * DIN + cols[None, :]) >= p
+def _keep(seed, rows, d0, DIN, p, BLOCK_D: tl.constexpr):
+    """The keep bits of rows x [d0, d0 + BLOCK_D) (d0 a multiple of 4): Philox counter t * ceil(DIN / 4) + d // 4,
+    64-bit, split into its low and high words; lane d % 4 of the four outputs."""
+    g = d0 // 4 + tl.arange(0, BLOCK_D // 4)
+    ctr = rows[:, None].to(tl.int64) * ((DIN + 3) // 4) + g[None, :]
+    zero = tl.zeros_like(ctr).to(tl.uint32)
+    r0, r1, r2, r3 = tl.random.philox(seed, ctr.to(tl.uint32), (ctr >> 32).to(tl.uint32), zero, zero)
+    # join(join(r0, r2), join(r1, r3))[..., i, j] = r_{2i+j}: flattened, column 4g + l gets lane l.
+    lanes = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_D))
+    return tl.random.uint_to_uniform_float(lanes) >= p
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 # Row offsets into x / dX are 64-bit: T * Din passes 2^31 at e.g. 196k tokens of an 11008-wide input.
 @triton.jit
-def _mask_kernel(out_ptr, T, DIN, seed, p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _mask_kernel(out_ptr, seed_ptr, T, DIN, p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = tl.program_id(1) * BLOCK_D
+    cols = d0 + tl.arange(0, BLOCK_D)
+    keep = _keep(tl.load(seed_ptr), rows, d0, DIN, p, BLOCK_D)
     ok = (rows < T)[:, None] & (cols < DIN)[None, :]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * DIN + cols[None, :], _keep(seed, rows, cols, DIN, p).to(tl.int8), mask=ok)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * DIN + cols[None, :], keep.to(tl.int8), mask=ok)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, DIN, R, s_xt, seed, p, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, T, DIN, R, s_xt, p, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r = tl.arange(0, R_PAD)
     t_ok, r_ok = rows < T, r < R
+    seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        x = tl.where(_keep(seed, rows, d, DIN, p), x, tl.zeros_like(x))
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        x = tl.where(_keep(seed, rows, d0, DIN, p, BLOCK_D), x, tl.zeros_like(x))
         a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc = mma(x, tl.trans(a), acc, IEEE, UPCAST)
     tl.store(h_ptr + rows[:, None] * R + r[None, :], (acc * scale).to(h_ptr.dtype.element_ty),
@@ -78,7 +103,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, T, DIN, R, s_xt, seed, p, scale, IEEE: t
 
 
 @triton.jit
-def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, T, DIN, R, s_xt, T_PER_SPLIT, seed, p, scale, IEEE: tl.constexpr,
+def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, T_PER_SPLIT, p, scale, IEEE: tl.constexpr,
                   UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                   R_PAD: tl.constexpr):
     # Program (Din block, token split): dS^T drop(x) over its tokens into fp32 partials [SPLIT, R, DIN].
@@ -86,6 +111,7 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, T, DIN, R, s_xt, T_PER_SPLIT, seed, p,
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, R_PAD)
     d_ok, r_ok = d < DIN, r < R
+    seed = tl.load(seed_ptr)
     acc = tl.zeros((R_PAD, BLOCK_D), dtype=ACC)
     t_start = split * T_PER_SPLIT
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)
@@ -93,7 +119,7 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, T, DIN, R, s_xt, T_PER_SPLIT, seed, p,
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
         x = tl.load(x_ptr + t[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        x = tl.where(_keep(seed, t, d, DIN, p), x, tl.zeros_like(x))
+        x = tl.where(_keep(seed, t, pid_d * BLOCK_D, DIN, p, BLOCK_D), x, tl.zeros_like(x))
         ds_t = tl.load(ds_ptr + t[None, :] * R + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         acc = mma(ds_t, x, acc, IEEE, UPCAST)
     tl.store(out_ptr + split * R * DIN + r[:, None] * DIN + d[None, :], acc * scale,
@@ -101,7 +127,7 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, T, DIN, R, s_xt, T_PER_SPLIT, seed, p,
 
 
 @triton.jit
-def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, T, DIN, R, s_dxt, seed, p, scale, IEEE: tl.constexpr,
+def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, seed_ptr, T, DIN, R, s_dxt, p, scale, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                    R_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -111,57 +137,64 @@ def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, T, DIN, R, s_dxt, seed, p, scale, IEEE
     ds = tl.load(ds_ptr + rows[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
     a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     upd = mma(ds, a, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), IEEE, UPCAST)
-    upd = tl.where(_keep(seed, rows, d, DIN, p), upd * scale, 0.0)
+    upd = tl.where(_keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_D, DIN, p, BLOCK_D), upd * scale, 0.0)
     ptrs = dx_ptr + rows[:, None].to(tl.int64) * s_dxt + d[None, :]
     ok = t_ok[:, None] & d_ok[None, :]
     tl.store(ptrs, (tl.load(ptrs, mask=ok, other=0.0).to(ACC) + upd).to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def keep_mask(seed: int, t: int, din: int, p: float, device: torch.device) -> torch.Tensor:
+def keep_mask(seed: torch.Tensor | int, t: int, din: int, p: float, device: torch.device) -> torch.Tensor:
     """The keep mask [T, Din] (bool) the kernels regenerate under `seed`: for tests and diagnostics only."""
+    seed = torch.tensor([seed], dtype=torch.int64) if isinstance(seed, int) else seed.reshape(1)
     out = torch.empty(t, din, dtype=torch.int8, device=device)
     if out.numel():
-        _mask_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, BLOCK_D))](out, t, din, seed, p, BLOCK_T=BLOCK_T,
-                                                                           BLOCK_D=BLOCK_D)
+        _mask_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
+            out, seed.to(device=device, dtype=torch.int64), t, din, p, BLOCK_T=BLOCK_T, BLOCK_D=DX_BLOCK_D)
     return out.bool()
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """x [T, Din] (unit stride along Din); a [R, Din] contiguous, x's dtype -> h = drop(x) a^T [T, R]."""
+def shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """x [T, Din] (unit stride along Din); a [R, Din] contiguous, x's dtype; seed int64 [1] on x's device
+    -> h = drop(x) a^T [T, R]."""
     t, din = x.shape
     r = a.shape[0]
     h = torch.empty(t, r, dtype=x.dtype, device=x.device)
-    if h.numel():
-        _shrink_kernel[(triton.cdiv(t, BLOCK_T),)](x, a, h, t, din, r, x.stride(0), seed, p, 1.0 / (1.0 - p),
-                                                   **dot_flags(x.dtype), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-                                                   R_PAD=_pad(r))
-    elif t:
+    if h.numel() and din:
+        r_pad = _pad(r)
+        _shrink_kernel[(triton.cdiv(t, BLOCK_T),)](x, a, h, seed, t, din, r, x.stride(0), p, 1.0 / (1.0 - p),
+                                                   **dot_flags(x.dtype), BLOCK_T=BLOCK_T,
+                                                   BLOCK_D=_block_d(x.dtype, r_pad), R_PAD=r_pad, num_warps=8)
+    elif h.numel():
         h.zero_()
     return h
 
 
-def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """ds [T, R] contiguous; x [T, Din] -> dA = ds^T drop(x) [R, Din] in x's dtype, from one pass over x."""
     t, din = x.shape
     r = ds.shape[1]
-    if t == 0 or r == 0:
+    if t == 0 or r == 0 or din == 0:
         return torch.zeros(r, din, dtype=x.dtype, device=x.device)
-    n_d = triton.cdiv(din, BLOCK_D)
-    n_split, per = token_splits(t, n_d, WGRAD_BLOCK_T, x.device)
+    r_pad = _pad(r)
+    block_d = _block_d(x.dtype, r_pad)
+    block_t = WGRAD_BLOCK_T if INTERPRET or x.dtype not in (torch.float32, torch.float64) else 32
+    n_d = triton.cdiv(din, block_d)
+    n_split, per = token_splits(t, n_d, block_t, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty(n_split, r, din, dtype=acc, device=x.device)
-    _wgrad_kernel[(n_d, n_split)](ds, x, part, t, din, r, x.stride(0), per, seed, p, 1.0 / (1.0 - p),
-                                  **dot_flags(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=BLOCK_D, R_PAD=_pad(r))
+    _wgrad_kernel[(n_d, n_split)](ds, x, part, seed, t, din, r, x.stride(0), per, p, 1.0 / (1.0 - p),
+                                  **dot_flags(x.dtype), BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=r_pad,
+                                  num_warps=8)
     return part.sum(0).to(x.dtype)
 
 
-def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dx [T, Din] (unit stride along Din) += drop'(ds a), in place; ds [T, R], a [R, Din] contiguous."""
     t, din = dx.shape
     r = ds.shape[1]
     if t and din and r:
-        _dx_add_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, BLOCK_D))](
-            dx, ds, a, t, din, r, dx.stride(0), seed, p, 1.0 / (1.0 - p), **dot_flags(dx.dtype), BLOCK_T=BLOCK_T,
-            BLOCK_D=BLOCK_D, R_PAD=_pad(r))
+        _dx_add_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
+            dx, ds, a, seed, t, din, r, dx.stride(0), p, 1.0 / (1.0 - p), **dot_flags(dx.dtype), BLOCK_T=BLOCK_T,
+            BLOCK_D=DX_BLOCK_D, R_PAD=_pad(r))
     return dx

@@ -4,8 +4,8 @@ Forward:   h = drop(x) A^T [T, R]: cuBLAS without dropout (a skinny GEMM it runs
            Triton shrink kernel of _triton_dropout, which regenerates the mask from a seed while it reads x;
            y = x W^T + b + h (s B)^T: cuBLAS base + in-place addmm, or one Triton GEMM with h/(s B) as a second
            K segment (_triton_gemm.gemm2, MEDCARE_TRITON_GEMM=fused; it lost to cuBLAS on an H100, see there).
-Saved:     x (the caller's tensor), h [T, R] and, with dropout, the seed of the draw (a CPU scalar; the mask is
-           regenerated in backward, never kept): O(T*R) beyond x.
+Saved:     x (the caller's tensor), h [T, R] and, with dropout, the seed of the draw (int64 [1] on the device;
+           the mask is regenerated in backward, never kept): O(T*R) beyond x.
 Backward:  dS = dY (s B) [T, R];  dB = s dY^T h (cuBLAS);
            without dropout: dA = dS^T x (cuBLAS), dX = dY W + dS A (cuBLAS mm + in-place addmm, or gemm2);
            with dropout: dA = dS^T drop(x) from one Triton pass over x, dX = dY W (cuBLAS), then
@@ -26,8 +26,8 @@ from ._triton_gemm import flat_input, gemm2, use_fused_gemm
 # ---------------------------------------------------------------------------------------------- launchers
 def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, seed, dropout):
     """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; lora_a [R, Din]; lora_b [Dout, R] (all in x's dtype);
-    seed: the dropout draw's seed (int64 CPU scalar) | None -> (y [T, Dout], h [T, R])."""
-    h = _triton_dropout.shrink(x, lora_a, int(seed), dropout) if seed is not None else x @ lora_a.t()
+    seed: the dropout draw's seed (int64 [1] on x's device) | None -> (y [T, Dout], h [T, R])."""
+    h = _triton_dropout.shrink(x, lora_a, seed, dropout) if seed is not None else x @ lora_a.t()
     b_scaled = lora_b * scaling                                        # [Dout, R], tiny
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, h, b_scaled, bias)
@@ -42,8 +42,8 @@ def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, seed, dropout):
     ds = dy @ (lora_b * scaling)                                       # [T, R]
     d_lb = (dy.t() @ h).mul_(scaling)                                  # [Dout, R]
     if seed is not None:
-        d_a = _triton_dropout.wgrad(ds, x, int(seed), dropout)         # [R, Din]
-        return _triton_dropout.dx_add_(torch.mm(dy, weight), ds, lora_a, int(seed), dropout), d_a, d_lb
+        d_a = _triton_dropout.wgrad(ds, x, seed, dropout)         # [R, Din]
+        return _triton_dropout.dx_add_(torch.mm(dy, weight), ds, lora_a, seed, dropout), d_a, d_lb
     d_a = ds.t() @ x
     dx = gemm2(dy, weight.t(), ds, lora_a.t()) if use_fused_gemm(x.device) else torch.mm(dy, weight).addmm_(ds, lora_a)
     return dx, d_a, d_lb
@@ -97,7 +97,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0):
     """y [..., Dout]; see medcare_kernels.lora_linear."""
     dt = x.dtype
     x2, _ = flat_input(x, 0.0)
-    seed = _triton_dropout.draw_seed() if dropout > 0.0 else None
+    seed = _triton_dropout.draw_seed(x2.device) if dropout > 0.0 else None
     y, _ = _fwd_op(x2, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt).contiguous(),
                    lora_b.to(dt).contiguous(), float(scaling), seed, float(dropout))
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -82,7 +82,8 @@ def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                    other=0.0)
         rw = tl.load(rw_ptr + cols_e[:, None] * s_rwt + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         # Router in fp32 from the exact upcast of x: bf16 logits could overflow or flip the top-K.
         acc = tl.dot(x.to(ACC), tl.trans(rw.to(ACC)), acc, input_precision=PREC)

@@ -175,17 +175,16 @@ def gate_up_call(fn, **kw):
 @contextlib.contextmanager
 def reference_draws_triton_mask(torch_seed: int):
     """Inside, medcare_kernels.reference drops the elements the Triton backend drops when its op runs right after
-    torch.manual_seed(torch_seed): that backend regenerates a Philox mask from a seed it draws from torch's CPU
-    generator (ops/_triton_dropout.py), not the torch backend's reference.dropout_keep_mask draw."""
+    torch.manual_seed(torch_seed): that backend regenerates a Philox mask from a seed it draws with the generator
+    of x's device (ops/_triton_dropout.py), not the torch backend's reference.dropout_keep_mask draw."""
     from medcare_kernels.ops import _triton_dropout
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch_seed)
-        seed = int(_triton_dropout.draw_seed())
 
     def keep(x, p):
         if p == 0.0:
             return None
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(torch_seed)
+            seed = _triton_dropout.draw_seed(x.device)
         din = x.shape[-1]
         return _triton_dropout.keep_mask(seed, x.numel() // max(din, 1), din, p, x.device).reshape(x.shape)
 

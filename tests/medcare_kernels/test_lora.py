@@ -116,9 +116,16 @@ def test_triton_dropout_mask_is_a_fair_seeded_draw():
     assert (keep != _triton_dropout.keep_mask(6, 96, 80, 0.25, torch.device("cpu"))).float().mean() > 0.3
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
     torch.manual_seed(3)
-    first = _triton_dropout.draw_seed()
+    first = _triton_dropout.draw_seed(torch.device("cpu"))
     torch.manual_seed(3)
-    assert torch.equal(first, _triton_dropout.draw_seed()) and first.dtype == torch.int64 and first.device.type == "cpu"
+    assert torch.equal(first, _triton_dropout.draw_seed(torch.device("cpu"))) and first.dtype == torch.int64
+    # Four columns share one Philox evaluation: their lanes must still be independent draws.
+    lanes = keep.reshape(96, 20, 4).float()
+    assert all(abs(lanes[..., i].mean().item() - 0.75) < 0.04 for i in range(4))
+    assert not torch.equal(lanes[..., 0], lanes[..., 1]) and not torch.equal(lanes[..., 1], lanes[..., 2])
+    # Din not a multiple of 4: the last group's spare lanes fall outside the row, rows stay distinct draws.
+    odd = _triton_dropout.keep_mask(5, 50, 77, 0.25, torch.device("cpu"))
+    assert abs(odd.float().mean().item() - 0.75) < 0.03 and not torch.equal(odd[0], odd[1])
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not available here")
