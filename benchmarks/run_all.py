@@ -5,7 +5,8 @@
     python benchmarks/run_all.py --device cuda --suites molora,orth --time-budget 120
 
 Suites run cheapest first (routing, orth, lora, molora, train_step), so a --time-budget cut drops the
-expensive cases, each recorded as skipped with the reason. A suite that fails with an error is reported
+expensive cases, each recorded as skipped with the reason. Afterwards the performance targets are read off the
+folder's results (benchmarks/targets.py) into <output>/<device>/targets.md. A suite that fails with an error is reported
 and the others still run (exit status 1 then).
 """
 
@@ -28,6 +29,7 @@ from benchmarks import (  # noqa: E402
     bench_routing,
     bench_train_step,
     harness,
+    targets,
 )
 
 SUITES = {m.SUITE: m for m in (bench_routing, bench_orth, bench_lora, bench_molora, bench_train_step)}
@@ -73,6 +75,9 @@ def main(argv=None) -> int:
         ok = sum(r.median_ms is not None for r in records)
         ctx.log(f"run_all: {name}: {ok} of {len(records)} records measured in {time.monotonic() - t0:.0f} s "
                 f"-> {out}/{name}.md")
+    folder = os.path.join(args.output, harness.device_slug(ctx.device))
+    if os.path.isdir(folder):
+        ctx.log(f"run_all: targets ({folder}/targets.md)\n{targets.write(folder)}")
     ctx.log(f"run_all: done in {time.monotonic() - start:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
