@@ -1,4 +1,4 @@
-"""Dropout on the adapters' input, fused into the skinny kernels that read it (Triton backend of lora_linear).
+"""Dropout on the adapters' input, fused into the skinny kernels that read it (the Triton backend's ops).
 
 The mask is never stored: every kernel that needs drop(x) regenerates the bits it reads from one seed per call.
 keep[t, d] = U >= p, with U lane d % 4 of Philox4x32-10(seed, counter = t * ceil(Din / 4) + d // 4) mapped to
@@ -15,11 +15,12 @@ mask and a dropped copy of x, in the forward and again in the backward, and the 
 three more [T, Din] passes: about 1.3 GB at T=8192, Din=4096 in bf16, 0.4 ms of an H100's bandwidth per
 projection. Here the extra traffic is the one read of x in each of shrink and wgrad and one read-modify-write of
 dX. drop(x) is scaled by 1/(1-p) in fp32, after the dot (the reference rounds x/(1-p) to x's dtype first).
-Launch shapes: 8 warps for shrink and wgrad (at 4 the Philox state spilled registers on sm_90), narrower Din
-blocks for fp32 and for ranks over 64 (shared memory), 32-token wgrad tiles for fp32. `ptxas -v` of the sm_90a
-builds (offline, Triton's ptxas): no spills at bf16/fp32 for ranks 16/64/128, 117-254 registers.
+Launch shapes: 8 warps for shrink and wgrad (at 4 the Philox state spilled registers on sm_90), Din blocks
+sized by dtype (`_block_d`), ranks over 64 in chunks of 64 (R_CHUNK), 32-token wgrad tiles for fp32.
+tests/medcare_kernels/test_triton_sm90.py builds them for sm_90a with Triton's ptxas on CPU: no spills.
 
-The draw is not the torch backend's (Philox in Triton vs torch's generator), so the two backends drop different
+Every Triton op of medcare_kernels (lora_linear, molora_linear, molora_gate_up) drops this way. The draw is
+not the torch backend's (Philox in Triton vs torch's generator), so the two backends drop different
 elements under one torch seed; `keep_mask` materialises this one for tests. The seed is drawn on x's device by
 torch's generator (`draw_seed`) and read by the kernels from device memory: torch.manual_seed reproduces it,
 nothing synchronises, and a CUDA graph replays a fresh draw each time instead of freezing one seed in a kernel
@@ -44,12 +45,21 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _block_d(dtype: torch.dtype, r_pad: int) -> int:
-    """Din columns per step of shrink and wgrad: 128 for 16-bit inputs up to rank 64; fp32 tiles and wider ranks
-    take less so the pipelined tiles fit in shared memory."""
+# Adapter rows per launch: wider tiles spill registers on sm_90 (test_triton_sm90.py), so ranks over 64 (MoLoRA's
+# Rt = E*R + Rs = 160, molora_gate_up's 320) run in chunks of 64, each reading x (or updating dX) once more.
+R_CHUNK = 64
+
+
+def _block_d(dtype: torch.dtype) -> int:
+    """Din columns per step of shrink and wgrad (R_PAD <= 64): 128 for 16-bit inputs, 64 for fp32 (shared memory
+    and registers)."""
     if INTERPRET:
         return 32
-    return 32 if r_pad > 64 else (64 if dtype in (torch.float32, torch.float64) else 128)
+    return 64 if dtype in (torch.float32, torch.float64) else 128
+
+
+def _chunks(r: int) -> list[tuple[int, int]]:
+    return [(c, min(c + R_CHUNK, r)) for c in range(0, r, R_CHUNK)]
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -83,8 +93,9 @@ def _mask_kernel(out_ptr, seed_ptr, T, DIN, p, BLOCK_T: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, T, DIN, R, s_xt, p, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, T, DIN, R, s_xt, s_ht, p, scale, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   R_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r = tl.arange(0, R_PAD)
     t_ok, r_ok = rows < T, r < R
@@ -98,12 +109,13 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, T, DIN, R, s_xt, p, scale, IEE
         x = tl.where(_keep(seed, rows, d0, DIN, p, BLOCK_D), x, tl.zeros_like(x))
         a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc = mma(x, tl.trans(a), acc, IEEE, UPCAST)
-    tl.store(h_ptr + rows[:, None] * R + r[None, :], (acc * scale).to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + rows[:, None] * s_ht + r[None, :], (acc * scale).to(h_ptr.dtype.element_ty),
              mask=t_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, T_PER_SPLIT, p, scale, IEEE: tl.constexpr,
+def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, s_dst, s_split, T_PER_SPLIT, p, scale,
+                  IEEE: tl.constexpr,
                   UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                   R_PAD: tl.constexpr):
     # Program (Din block, token split): dS^T drop(x) over its tokens into fp32 partials [SPLIT, R, DIN].
@@ -120,21 +132,21 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, T_PER_SPLIT
         t_ok = t < t_end
         x = tl.load(x_ptr + t[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         x = tl.where(_keep(seed, t, pid_d * BLOCK_D, DIN, p, BLOCK_D), x, tl.zeros_like(x))
-        ds_t = tl.load(ds_ptr + t[None, :] * R + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        ds_t = tl.load(ds_ptr + t[None, :] * s_dst + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         acc = mma(ds_t, x, acc, IEEE, UPCAST)
-    tl.store(out_ptr + split * R * DIN + r[:, None] * DIN + d[None, :], acc * scale,
+    tl.store(out_ptr + split * s_split + r[:, None] * DIN + d[None, :], acc * scale,
              mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, seed_ptr, T, DIN, R, s_dxt, p, scale, IEEE: tl.constexpr,
+def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, seed_ptr, T, DIN, R, s_dxt, s_dst, p, scale, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                    R_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     r = tl.arange(0, R_PAD)
     t_ok, d_ok, r_ok = rows < T, d < DIN, r < R
-    ds = tl.load(ds_ptr + rows[:, None] * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+    ds = tl.load(ds_ptr + rows[:, None] * s_dst + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
     a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     upd = mma(ds, a, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), IEEE, UPCAST)
     upd = tl.where(_keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_D, DIN, p, BLOCK_D), upd * scale, 0.0)
@@ -154,47 +166,65 @@ def keep_mask(seed: torch.Tensor | int, t: int, din: int, p: float, device: torc
     return out.bool()
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """x [T, Din] (unit stride along Din); a [R, Din] contiguous, x's dtype; seed int64 [1] on x's device
-    -> h = drop(x) a^T [T, R]."""
+def flat_input(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., Din] -> (x2 [T, Din] contiguous, this call's dropout seed | None): what the Triton ops take."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    return x2, (draw_seed(x2.device) if dropout > 0.0 else None)
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x [T, Din] (unit stride along Din); a [R, Din] contiguous, x's dtype; seed int64 [1] on x's device, or
+    None for no dropout (cuBLAS) -> h = drop(x) a^T [T, R]."""
+    if seed is None:
+        return x @ a.t()
     t, din = x.shape
     r = a.shape[0]
+    if not (t and din and r):
+        return torch.zeros(t, r, dtype=x.dtype, device=x.device)
     h = torch.empty(t, r, dtype=x.dtype, device=x.device)
-    if h.numel() and din:
-        r_pad = _pad(r)
-        _shrink_kernel[(triton.cdiv(t, BLOCK_T),)](x, a, h, seed, t, din, r, x.stride(0), p, 1.0 / (1.0 - p),
-                                                   **dot_flags(x.dtype), BLOCK_T=BLOCK_T,
-                                                   BLOCK_D=_block_d(x.dtype, r_pad), R_PAD=r_pad, num_warps=8)
-    elif h.numel():
-        h.zero_()
+    for c0, c1 in _chunks(r):
+        _shrink_kernel[(triton.cdiv(t, BLOCK_T),)](x, a[c0:c1], h[:, c0:], seed, t, din, c1 - c0, x.stride(0),
+                                                   h.stride(0), p, 1.0 / (1.0 - p), **dot_flags(x.dtype),
+                                                   BLOCK_T=BLOCK_T, BLOCK_D=_block_d(x.dtype), R_PAD=_pad(c1 - c0),
+                                                   num_warps=8)
     return h
 
 
-def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """ds [T, R] contiguous; x [T, Din] -> dA = ds^T drop(x) [R, Din] in x's dtype, from one pass over x."""
+def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | None, p: float) -> torch.Tensor:
+    """ds [T, R] (unit stride along R; a column slice is fine); x [T, Din] -> dA = ds^T drop(x) [R, Din] in x's
+    dtype, from one pass over x per 64 rows (cuBLAS without dropout)."""
+    if seed is None:
+        return ds.t() @ x
     t, din = x.shape
     r = ds.shape[1]
     if t == 0 or r == 0 or din == 0:
         return torch.zeros(r, din, dtype=x.dtype, device=x.device)
-    r_pad = _pad(r)
-    block_d = _block_d(x.dtype, r_pad)
+    block_d = _block_d(x.dtype)
     block_t = WGRAD_BLOCK_T if INTERPRET or x.dtype not in (torch.float32, torch.float64) else 32
     n_d = triton.cdiv(din, block_d)
     n_split, per = token_splits(t, n_d, block_t, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty(n_split, r, din, dtype=acc, device=x.device)
-    _wgrad_kernel[(n_d, n_split)](ds, x, part, seed, t, din, r, x.stride(0), per, p, 1.0 / (1.0 - p),
-                                  **dot_flags(x.dtype), BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=r_pad,
-                                  num_warps=8)
+    for c0, c1 in _chunks(r):
+        _wgrad_kernel[(n_d, n_split)](ds[:, c0:], x, part[:, c0:], seed, t, din, c1 - c0, x.stride(0),
+                                      ds.stride(0), part.stride(0), per, p, 1.0 / (1.0 - p), **dot_flags(x.dtype),
+                                      BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=_pad(c1 - c0), num_warps=8)
     return part.sum(0).to(x.dtype)
 
 
-def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dx [T, Din] (unit stride along Din) += drop'(ds a), in place; ds [T, R], a [R, Din] contiguous."""
+def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None, p: float
+            ) -> torch.Tensor:
+    """dx [T, Din] (unit stride along Din) += drop'(ds a), in place (a plain addmm_ without dropout); ds [T, R]
+    (unit stride along R), a [R, Din] contiguous."""
+    if seed is None:
+        return dx.addmm_(ds, a)
     t, din = dx.shape
-    r = ds.shape[1]
-    if t and din and r:
+    if not (t and din):
+        return dx
+    for c0, c1 in _chunks(ds.shape[1]):
         _dx_add_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
-            dx, ds, a, seed, t, din, r, dx.stride(0), p, 1.0 / (1.0 - p), **dot_flags(dx.dtype), BLOCK_T=BLOCK_T,
-            BLOCK_D=DX_BLOCK_D, R_PAD=_pad(r))
+            dx, ds[:, c0:], a[c0:c1], seed, t, din, c1 - c0, dx.stride(0), ds.stride(0), p, 1.0 / (1.0 - p),
+            **dot_flags(dx.dtype), BLOCK_T=BLOCK_T, BLOCK_D=DX_BLOCK_D, R_PAD=_pad(c1 - c0))
     return dx

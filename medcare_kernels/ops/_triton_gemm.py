@@ -18,9 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import dropout_keep_mask
-from ._common import apply_keep, redraw_keep, rng_state
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # On an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192) measured with benchmarks/bench_triton_gemm.py; the
@@ -122,27 +119,6 @@ def use_fused_gemm(device: torch.device) -> bool:
     if choice == "auto":
         choice = "fused" if (INTERPRET and device.type == "cpu") else DEFAULT_GEMM
     return choice == "fused"
-
-
-def flat_input(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [..., Din] -> (x2 [T, Din] contiguous, the RNG state a dropout draw starts from | None).
-    The op draws its mask from that state (reference.dropout_keep_mask, the torch backend's draw, so every
-    backend drops the same elements under the same seed) and its backward redraws it: nothing of size
-    [T, Din] is kept for the mask."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    return x2, (rng_state(x2.device) if dropout > 0.0 else None)
-
-
-def dropped(x: torch.Tensor, dropout: float, state: torch.Tensor | None, *, redraw: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(drop(x), keep mask | None). The forward draws (advancing the global RNG, as the torch backend does);
-    the backward redraws from the saved state without touching the global RNG."""
-    if state is None:
-        return x, None
-    keep = redraw_keep(x, dropout, state) if redraw else dropout_keep_mask(x, dropout)
-    return apply_keep(x, keep, dropout), keep
 
 
 def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,

@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 
 from . import _triton_dropout
-from ._triton_gemm import flat_input, gemm2, use_fused_gemm
+from ._triton_gemm import gemm2, use_fused_gemm
 
 
 # ---------------------------------------------------------------------------------------------- launchers
 def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, seed, dropout):
     """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; lora_a [R, Din]; lora_b [Dout, R] (all in x's dtype);
     seed: the dropout draw's seed (int64 [1] on x's device) | None -> (y [T, Dout], h [T, R])."""
-    h = _triton_dropout.shrink(x, lora_a, seed, dropout) if seed is not None else x @ lora_a.t()
+    h = _triton_dropout.shrink(x, lora_a, seed, dropout)
     b_scaled = lora_b * scaling                                        # [Dout, R], tiny
     if use_fused_gemm(x.device):
         y = gemm2(x, weight, h, b_scaled, bias)
@@ -96,8 +96,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0):
     """y [..., Dout]; see medcare_kernels.lora_linear."""
     dt = x.dtype
-    x2, _ = flat_input(x, 0.0)
-    seed = _triton_dropout.draw_seed(x2.device) if dropout > 0.0 else None
+    x2, seed = _triton_dropout.flat_input(x, dropout)
     y, _ = _fwd_op(x2, weight.to(dt), None if bias is None else bias.to(dt), lora_a.to(dt).contiguous(),
                    lora_b.to(dt).contiguous(), float(scaling), seed, float(dropout))
     return y.view(*x.shape[:-1], y.shape[-1])

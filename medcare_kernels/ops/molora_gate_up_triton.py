@@ -20,8 +20,8 @@ Backward:
                                          (MEDCARE_TRITON_GEMM=fused: the two base terms as one two-segment GEMM)
 Saved for backward: x (the caller's tensor), h [T, Rt_g + Rt_u], probs [T, E] fp32 and indices [T, K] of each
 projection: the same O(T*(E*R+Rs)) as two molora_linear calls, x once. Dropout (reference.molora_gate_up): ONE
-draw of the adapters' input mask, shared by both projections, taken from an RNG state the op keeps and redrawn
-in backward (no [T, Din] mask is saved).
+draw of the adapters' input mask, shared by both projections, regenerated from the call's seed by the kernels
+that read drop(x) (_triton_dropout; no [T, Din] mask is ever written).
 
 Speed: unmeasured on a GPU; estimated from bytes at T=8192 and Qwen1.5-7B shapes in bf16, where x and dX are
 64 MiB each: three reads of x fewer (shrink, dA, router wgrad), and dX written once and updated twice in place
@@ -38,27 +38,27 @@ from __future__ import annotations
 import torch
 
 from ..reference import router_dtype
-from ._common import apply_keep, grad_like
-from ._triton_gemm import dropped, flat_input, gemm2, use_fused_gemm
+from . import _triton_dropout
+from ._common import grad_like
+from ._triton_gemm import gemm2, use_fused_gemm
 from .molora_triton import route_bwd, route_expand, router_wgrad
 
 
 # ---------------------------------------------------------------------------------------------- launchers
 def gate_up_fwd(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k, expert_rank, scaling,
-                rng_state, dropout):
+                seed, dropout):
     """x [T, Din]; per projection (_g gate, _u up): w [Dout, Din]; b [Dout] | None; rw [E, Din]; rb [E] | None;
-    a [Rt, Din]; lb [Dout, Rt] (all but the routers in x's dtype); rng_state: the dropout draw's start | None
+    a [Rt, Din]; lb [Dout, Rt] (all but the routers in x's dtype); seed: the dropout seed (int64 [1]) | None
     -> (y_g [T, Dout_g], y_u [T, Dout_u], h [T, Rt_g + Rt_u], probs_g, probs_u [T, E] fp32, idx_g, idx_u [T, K])."""
     rt_g = a_g.shape[0]
-    xa, _ = dropped(x, dropout, rng_state, redraw=False)                 # one draw for both projections
-    h = torch.mm(xa, torch.cat([a_g, a_u]).t())                          # [T, Rt_g + Rt_u], one read of x
+    h = _triton_dropout.shrink(x, torch.cat([a_g, a_u]), seed, dropout)  # [T, Rt_g + Rt_u]: one read, one draw
     y_g, probs_g, idx_g = route_expand(x, h[:, :rt_g], w_g, b_g, rw_g, rb_g, lb_g, top_k, expert_rank, scaling)
     y_u, probs_u, idx_u = route_expand(x, h[:, rt_g:], w_u, b_u, rw_u, rb_u, lb_u, top_k, expert_rank, scaling)
     return y_g, y_u, h, probs_g, probs_u, idx_g, idx_u
 
 
 def gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_g, a_u, lb_g, lb_u,
-                expert_rank, scaling, rng_state, dropout):
+                expert_rank, scaling, seed, dropout):
     """dy_g [T, Dout_g], dy_u [T, Dout_u] and the saved tensors -> (dx [T, Din], d_router_weight [2E, Din] and
     d_router_bias [2E] fp32 (gate's rows first), d_lora_a [Rt_g + Rt_u, Din] (gate's rows first), d_lb_g
     [Dout_g, Rt_g], d_lb_u [Dout_u, Rt_u]); the adapters' gradients in the compute dtype."""
@@ -73,15 +73,14 @@ def gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g
     d_lb_u = route_bwd(dy_u, h[:, rt_g:], probs_u, idx_u, lb_u, dhl[:, rt_g:], rt_u + e, dl[:, e:], expert_rank,
                        scaling)
     dh = dhl[:, :rt]
-    xa, keep = dropped(x, dropout, rng_state, redraw=True)
-    d_a = dh.t() @ xa                                                    # [Rt_g + Rt_u, Din]
+    d_a = _triton_dropout.wgrad(dh, x, seed, dropout)                    # [Rt_g + Rt_u, Din]
     d_rw = router_wgrad(dl, x)                                           # [2E, Din]
     a_ext = torch.cat([a_g, a_u, rw_g.to(dt), rw_u.to(dt)])              # [Rt + 2E, Din], small
     dx = gemm2(dy_g, w_g.t(), dy_u, w_u.t()) if use_fused_gemm(dev) else torch.mm(dy_g, w_g).addmm_(dy_u, w_u)
-    if keep is None:
+    if seed is None:
         dx.addmm_(dhl, a_ext)
     else:  # dropout: the adapters' part of the input gradient goes through the mask, the routers' part does not
-        dx.addmm_(dhl[:, rt:], a_ext[rt:]).add_(apply_keep(dh @ a_ext[:rt], keep, dropout))
+        _triton_dropout.dx_add_(dx.addmm_(dhl[:, rt:], a_ext[rt:]), dh, a_ext[:rt], seed, dropout)
     return dx, d_rw, dl.sum(0), d_a, d_lb_g, d_lb_u
 
 
@@ -90,15 +89,15 @@ def gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g
 def _fwd_op(x: torch.Tensor, w_g: torch.Tensor, b_g: torch.Tensor | None, rw_g: torch.Tensor, rb_g: torch.Tensor | None,
             a_g: torch.Tensor, lb_g: torch.Tensor, w_u: torch.Tensor, b_u: torch.Tensor | None, rw_u: torch.Tensor,
             rb_u: torch.Tensor | None, a_u: torch.Tensor, lb_u: torch.Tensor, top_k: int, expert_rank: int,
-            scaling: float, rng_state: torch.Tensor | None, dropout: float
+            scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
     return gate_up_fwd(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k, expert_rank,
-                       scaling, rng_state, dropout)
+                       scaling, seed, dropout)
 
 
 @_fwd_op.register_fake
-def _(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k, expert_rank, scaling, rng_state,
+def _(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k, expert_rank, scaling, seed,
       dropout):
     t, e, rdt = x.shape[0], rw_g.shape[0], router_dtype(x.dtype)
     return (x.new_empty(t, w_g.shape[0]), x.new_empty(t, w_u.shape[0]), x.new_empty(t, a_g.shape[0] + a_u.shape[0]),
@@ -110,15 +109,15 @@ def _(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k
 def _bwd_op(dy_g: torch.Tensor, dy_u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, probs_g: torch.Tensor,
             probs_u: torch.Tensor, idx_g: torch.Tensor, idx_u: torch.Tensor, w_g: torch.Tensor, w_u: torch.Tensor,
             rw_g: torch.Tensor, rw_u: torch.Tensor, a_g: torch.Tensor, a_u: torch.Tensor, lb_g: torch.Tensor,
-            lb_u: torch.Tensor, expert_rank: int, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            lb_u: torch.Tensor, expert_rank: int, scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_g, a_u, lb_g, lb_u,
-                       expert_rank, scaling, rng_state, dropout)
+                       expert_rank, scaling, seed, dropout)
 
 
 @_bwd_op.register_fake
 def _(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_g, a_u, lb_g, lb_u, expert_rank,
-      scaling, rng_state, dropout):
+      scaling, seed, dropout):
     e, rdt = rw_g.shape[0], router_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty(2 * e, x.shape[1], dtype=rdt), x.new_empty(2 * e, dtype=rdt),
             x.new_empty(a_g.shape[0] + a_u.shape[0], x.shape[1]), torch.empty_like(lb_g), torch.empty_like(lb_u))
@@ -170,7 +169,7 @@ def molora_gate_up(x, gate, up, *, num_experts, top_k, expert_rank, scaling, dro
     """(y_gate [..., Dout_g], y_up [..., Dout_u], indices_gate [..., K], indices_up [..., K]);
     see medcare_kernels.molora_gate_up."""
     del num_experts  # router_weight.shape[0]; validated by the public API
-    x2, state = flat_input(x, dropout)
+    x2, state = _triton_dropout.flat_input(x, dropout)
     y_g, y_u, _, _, _, idx_g, idx_u = _fwd_op(x2, *_operands(gate, x.dtype), *_operands(up, x.dtype), int(top_k),
                                               int(expert_rank), float(scaling), state, float(dropout))
     lead = x.shape[:-1]

@@ -9,7 +9,7 @@ fp32 router on the exact (upcast) bf16 activations with the softmax -> top-K -> 
 gating, in one pass over x, and the routing backward, element-wise over [T, E*R+Rs].
 
 Forward (T tokens, Rt = E*R + Rs):
-    h = drop(x) lora_a^T                 cuBLAS [T, Rt]
+    h = drop(x) lora_a^T                 cuBLAS [T, Rt] (with dropout: _triton_dropout.shrink, mask in-kernel)
     _router_fwd                          one pass over x: logits = x Wr^T + br in fp32 (3xTF32 tensor-core dots
                                          on the exactly-upcast bf16/fp16 x, IEEE fp32 for fp32 x), softmax, top-K
                                          (ties to the lower index), renormalise; and S = h * g with
@@ -19,16 +19,17 @@ No [T, E, Dout] tensor, no token permutation, no host synchronisation (CUDA-grap
 the op is a torch.library custom op with a fake implementation and a registered autograd).
 
 Saved for backward: x (the caller's tensor), h [T, Rt], probs [T, E] fp32, indices [T, K]: O(T*(E*R+Rs))
-beyond x, as the torch backend. With dropout > 0 the adapters' mask is reference.dropout_keep_mask's draw (the
-torch backend's) from an RNG state the op keeps; backward redraws it, so no [T, Din] mask is saved.
+beyond x, as the torch backend. With dropout > 0 the adapters' mask is regenerated from a per-call seed by the
+kernels that read drop(x) (_triton_dropout: shrink, wgrad, dx_add_), so no [T, Din] mask is ever written.
 
 Backward:
     dS = dY lora_b                       cuBLAS [T, Rt]
     _gate_route_bwd                      element-wise per token block: dh = dS * g; d gate_e = s <dS_e, h_e>
                                          (R-length dots, no cached expert outputs); softmax-top-K backward ->
                                          d_logits (fp32); S = h * g again for dB
-    dB = dY^T S;  dA = dh^T drop(x)      cuBLAS
-    dX = dY W + [dh | dl] [lora_a; Wr]   cuBLAS mm + one in-place addmm (or the two-segment Triton GEMM)
+    dB = dY^T S;  dA = dh^T drop(x)      cuBLAS (with dropout, dA: _triton_dropout.wgrad)
+    dX = dY W + [dh | dl] [lora_a; Wr]   cuBLAS mm + one in-place addmm (or the two-segment Triton GEMM); with
+                                         dropout the dh part goes through the mask: _triton_dropout.dx_add_
     _router_wgrad                        d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
                                          partials summed afterwards (deterministic, no atomics)
 Reference: medcare_kernels.reference.molora_linear.
@@ -41,8 +42,9 @@ import triton
 import triton.language as tl
 
 from ..reference import router_dtype
-from ._common import apply_keep, grad_like
-from ._triton_gemm import INTERPRET, dropped, flat_input, gemm2, token_splits, use_fused_gemm
+from . import _triton_dropout
+from ._common import grad_like
+from ._triton_gemm import INTERPRET, gemm2, token_splits, use_fused_gemm
 
 # ---------------------------------------------------------------------------------------------- tile configs
 BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
@@ -198,13 +200,12 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, rng_state,
+def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, seed,
                dropout):
     """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; router_weight [E, Din]; router_bias [E] | None;
-    lora_a [Rt, Din]; lora_b [Dout, Rt] (all but the router in x's dtype); rng_state: the adapters' dropout
-    draw's starting state | None -> (y [T, Dout], h [T, Rt], probs [T, E] fp32, indices [T, K] int64)."""
-    xa, _ = dropped(x, dropout, rng_state, redraw=False)                    # the router sees x, the adapters drop(x)
-    h = torch.mm(xa, lora_a.t())                                            # [T, Rt]
+    lora_a [Rt, Din]; lora_b [Dout, Rt] (all but the router in x's dtype); seed: the adapters' dropout seed
+    (int64 [1] on x's device) | None -> (y [T, Dout], h [T, Rt], probs [T, E] fp32, indices [T, K] int64)."""
+    h = _triton_dropout.shrink(x, lora_a, seed, dropout)                    # [T, Rt]: the adapters see drop(x)
     y, probs, indices = route_expand(x, h, weight, bias, router_weight, router_bias, lora_b, top_k, expert_rank,
                                      scaling)
     return y, h, probs, indices
@@ -236,7 +237,7 @@ def route_expand(x, h, weight, bias, router_weight, router_bias, lora_b, top_k, 
     return y, probs, indices
 
 
-def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, rng_state,
+def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, seed,
                dropout):
     """dy [T, Dout] and the saved tensors -> (dx [T, Din], d_router_weight [E, Din] fp32, d_router_bias [E]
     fp32, d_lora_a [Rt, Din], d_lora_b [Dout, Rt]); d lora_a/lora_b in the compute dtype."""
@@ -247,17 +248,17 @@ def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, 
     dl = torch.empty(t, e, dtype=router_dtype(dt), device=dev)
     d_lb = route_bwd(dy, h, probs, indices, lora_b, dhl, rt, dl, expert_rank, scaling)
     dh = dhl[:, :rt]
-    xa, keep = dropped(x, dropout, rng_state, redraw=True)
-    d_a = dh.t() @ xa                                                        # [Rt, Din]
-    d_rw = router_wgrad(dl, x)
+    d_a = _triton_dropout.wgrad(dh, x, seed, dropout)                       # [Rt, Din] = dh^T drop(x)
+    d_rw = router_wgrad(dl, x)                                              # the router sees x
     a_ext = torch.cat([lora_a, router_weight.to(dt)])                       # [Rt + E, Din], small
-    if keep is None:
+    if seed is None:
         if use_fused_gemm(dev):
             dx = gemm2(dy, weight.t(), dhl, a_ext.t())
         else:
             dx = torch.mm(dy, weight).addmm_(dhl, a_ext)
     else:  # dropout: the adapter part of the input gradient goes through the mask, the router part does not
-        dx = torch.mm(dy, weight).addmm_(dhl[:, rt:], a_ext[rt:]).add_(apply_keep(dh @ lora_a, keep, dropout))
+        dx = _triton_dropout.dx_add_(torch.mm(dy, weight).addmm_(dhl[:, rt:], a_ext[rt:]), dh, lora_a, seed,
+                                     dropout)
     return dx, d_rw, dl.sum(0), d_a, d_lb
 
 
@@ -305,14 +306,14 @@ def router_wgrad(dl, x):
 @torch.library.custom_op("medcare::molora_triton_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, router_weight: torch.Tensor,
             router_bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, top_k: int, expert_rank: int,
-            scaling: float, rng_state: torch.Tensor | None, dropout: float
+            scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling,
-                      rng_state, dropout)
+                      seed, dropout)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, rng_state, dropout):
+def _(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, seed, dropout):
     t = x.shape[0]
     return (x.new_empty(t, weight.shape[0]), x.new_empty(t, lora_a.shape[0]),
             x.new_empty(t, router_weight.shape[0], dtype=router_dtype(x.dtype)),
@@ -322,14 +323,14 @@ def _(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert
 @torch.library.custom_op("medcare::molora_triton_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor,
             weight: torch.Tensor, router_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-            expert_rank: int, scaling: float, rng_state: torch.Tensor | None, dropout: float
+            expert_rank: int, scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling,
-                      rng_state, dropout)
+                      seed, dropout)
 
 
 @_bwd_op.register_fake
-def _(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, rng_state, dropout):
+def _(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, seed, dropout):
     e, rdt = router_weight.shape[0], router_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty(e, x.shape[1], dtype=rdt), x.new_empty(e, dtype=rdt),
             torch.empty_like(lora_a), torch.empty_like(lora_b))
@@ -364,7 +365,7 @@ def molora_linear(x, weight, bias, router_weight, router_bias, lora_a, lora_b, *
     """(y [..., Dout], indices [..., K]); see medcare_kernels.molora_linear."""
     del num_experts  # router_weight.shape[0]; validated by the public API
     dt = x.dtype
-    x2, state = flat_input(x, dropout)
+    x2, state = _triton_dropout.flat_input(x, dropout)
     y, _, _, indices = _fwd_op(x2, weight.to(dt), None if bias is None else bias.to(dt), router_weight.contiguous(),
                                router_bias, lora_a.to(dt).contiguous(), lora_b.to(dt).contiguous(), int(top_k),
                                int(expert_rank), float(scaling), state, float(dropout))

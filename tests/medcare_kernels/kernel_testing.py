@@ -190,3 +190,22 @@ def reference_draws_triton_mask(torch_seed: int):
 
     with mock.patch.object(reference, "dropout_keep_mask", keep):
         yield
+
+
+def rng_after_one_draw(backend: str, torch_seed: int, reference_fn) -> torch.Tensor:
+    """The CPU generator's state after one dropout draw of `backend` right after torch.manual_seed(torch_seed):
+    the Triton ops draw one seed (their backward regenerates the mask from it); the torch backend draws what
+    `reference_fn()` (a reference call) draws, its backward redrawing from a saved state."""
+    from medcare_kernels.ops import _triton_dropout
+
+    torch.manual_seed(torch_seed)
+    if backend == "triton":
+        _triton_dropout.draw_seed(torch.device("cpu"))
+    else:
+        reference_fn()
+    return torch.get_rng_state()
+
+
+def maybe_triton_mask(backend: str, torch_seed: int):
+    """reference_draws_triton_mask for the Triton backend, nothing for the others (they draw as the reference)."""
+    return reference_draws_triton_mask(torch_seed) if backend == "triton" else contextlib.nullcontext()
