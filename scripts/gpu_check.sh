@@ -4,7 +4,7 @@
 # of one MoLoRA projection. Logs and a results tarball under $OUT (the tool brings back few files).
 #   bash scripts/gpu_check.sh                    # all steps (~10 min: one device call at the 600 s limit)
 #   bash scripts/gpu_check.sh tests              # install + GPU tests only; also: bench, profile
-# Better over two device calls: `... tests`, then `RUN_ALL_BUDGET=330 bash scripts/gpu_check.sh bench profile`
+# Better over two device calls: `... tests`, then `RUN_ALL_BUDGET=300 bash scripts/gpu_check.sh bench profile`
 # (every case of every suite, plus the GPU busy-time pass, fits in the second).
 set -uo pipefail
 STEPS="${*:-tests bench profile}"
