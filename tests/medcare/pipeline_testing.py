@@ -181,3 +181,19 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_train(argv) -> int:
+    """medcare.train.main in this process, seeded first: stage 2's fresh alignment A is drawn before the Trainer
+    seeds itself, so every run of the same argv starts from the same weights."""
+    from medcare import train
+
+    torch.manual_seed(0)
+    return train.main([str(a) for a in argv])
+
+
+def pipeline_env(tmp_path_factory, tokenizer, name: str, n_records: int) -> dict:
+    """A folder with a tiny Qwen2 base checkpoint and n_records training records: dict(root, base, data)."""
+    root = tmp_path_factory.mktemp(name)
+    base = save_base(root / "base", tiny_model("qwen2", len(tokenizer)), tokenizer)
+    return dict(root=root, base=base, data=write_jsonl(root / "data.jsonl", records(n_records)))

@@ -20,6 +20,7 @@ from pipeline_testing import (
     one_thread,
     randomize_adapters,
     records,
+    run_train,
     save_base,
     stage1_config,
     stage1_meta,
@@ -29,7 +30,6 @@ from pipeline_testing import (
 from safetensors.torch import load_file
 
 import medcare
-from medcare import train as train_mod
 from medcare.checkpoint import ADAPTER_FILE, adapter_state, read_stage, save_stage
 from medcare.inject import adapter_modules
 from medcare.losses import orth_loss
@@ -75,11 +75,6 @@ def torchrun(args, timeout=240) -> subprocess.CompletedProcess:
     return proc
 
 
-def single(argv) -> int:
-    torch.manual_seed(0)
-    return train_mod.main([str(a) for a in argv])
-
-
 ATOL = 1e-6
 
 
@@ -104,7 +99,7 @@ def test_stage1_ddp_two_processes_equal_one_process(env, tmp_path):
     argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, "--top_k", "4", *COMMON]
     proc = torchrun(["-m", "medcare.train", *argv, "--output", tmp_path / "ddp", "--per_device_train_batch_size", "2"])
     assert proc.stdout.count("medcare: stage 1 saved to") == 1  # one job, one report, one writer
-    assert single(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
+    assert run_train(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
     assert_same_adapters(tmp_path / "ddp", tmp_path / "one")
     lora_b = load_file(str(tmp_path / "ddp" / ADAPTER_FILE))
     assert max(float(v.abs().max()) for k, v in lora_b.items() if k.endswith("lora_b")) > 100 * ATOL  # B=0 at start
@@ -121,7 +116,7 @@ def test_stage2_two_processes_equal_one_process(env, tmp_path, mode):
     launch = FSDP2 if mode == "fsdp2" else []
     torchrun(["-m", "medcare.train", *argv, *launch, "--output", tmp_path / mode, "--per_device_train_batch_size",
               "2"])
-    assert single(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
+    assert run_train(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
     assert_same_adapters(tmp_path / mode, tmp_path / "one")
     shared = {k.replace(".shared.", ".knowledge."): v for k, v in read_stage(env["stage1"]).tensors.items()}
     moved = trained(tmp_path / mode, shared, "knowledge")

@@ -12,7 +12,14 @@ import sys
 
 import pytest
 import torch
-from pipeline_testing import one_thread, records, save_base, tiny_model, write_jsonl
+from pipeline_testing import (
+    one_thread,
+    pipeline_env,
+    records,
+    run_train,
+    tiny_model,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 
 import medcare
@@ -34,14 +41,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, chatml_tokenizer):
-    root = tmp_path_factory.mktemp("reliability")
-    base = save_base(root / "base", tiny_model("qwen2", len(chatml_tokenizer)), chatml_tokenizer)
-    return dict(root=root, base=base, data=write_jsonl(root / "data.jsonl", records(8)))
-
-
-def run(argv) -> int:
-    torch.manual_seed(0)
-    return train_mod.main([str(a) for a in argv])
+    return pipeline_env(tmp_path_factory, chatml_tokenizer, "reliability", 8)
 
 
 def last_line(capfd) -> str:
@@ -80,8 +80,8 @@ def poison(monkeypatch, at_step: int, what: str) -> None:
 def test_non_finite_loss_or_gradient_stops_at_that_step(env, tmp_path, capfd, monkeypatch, what, reason):
     poison(monkeypatch, 3, what)
     out = tmp_path / "out"
-    rc = run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *STAGE1, *FAST,
-              "--save_strategy", "steps", "--save_steps", "2"])
+    rc = run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *STAGE1, *FAST,
+                    "--save_strategy", "steps", "--save_steps", "2"])
     line = last_line(capfd)
     assert rc == 1, line
     assert line.startswith("medcare: error: training stopped at step 3:") and reason in line, line
@@ -94,8 +94,8 @@ def test_non_finite_loss_or_gradient_stops_at_that_step(env, tmp_path, capfd, mo
 
 def test_guard_does_not_fire_on_a_healthy_run(env, tmp_path, monkeypatch):
     poison(monkeypatch, 99, "loss")  # never reached: the patched trainer itself changes nothing
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", tmp_path / "ok", *STAGE1,
-                *FAST, "--save_strategy", "no"]) == 0
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", tmp_path / "ok", *STAGE1,
+                      *FAST, "--save_strategy", "no"]) == 0
 
 
 def test_non_finite_adapters_are_never_saved(tmp_path):
@@ -171,11 +171,11 @@ def test_truncated_away_records_fail_by_default_and_are_counted_when_skipped(env
     data = write_jsonl(tmp_path / "mixed.jsonl", records(4)[:2] + [long] + records(4)[2:])
     argv = ["stage1", "--model", env["base"], "--data", data, *STAGE1, *FAST, "--save_strategy", "no",
             "--model_max_length", "64", "--max_steps", "1"]
-    assert run(argv + ["--output", tmp_path / "fail"]) == 2
+    assert run_train(argv + ["--output", tmp_path / "fail"]) == 2
     line = last_line(capfd)
     assert f"{data}:line 3: no assistant token left after truncation to 64 tokens" in line, line
     assert "--on_bad_records skip" in line and not (tmp_path / "fail").exists()
-    assert run(argv + ["--output", tmp_path / "skip", "--on_bad_records", "skip"]) == 0
+    assert run_train(argv + ["--output", tmp_path / "skip", "--on_bad_records", "skip"]) == 0
     err = capfd.readouterr().err
     assert "skipped 1 bad records of 5 (0 invalid, 1 truncated away)" in err, err
     assert load_file(str(tmp_path / "skip" / ADAPTER_FILE))
@@ -189,10 +189,10 @@ def test_invalid_records_are_skipped_and_counted(env, tmp_path, capfd):
         '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}']))
     argv = ["stage1", "--model", env["base"], "--data", data, *STAGE1, *FAST, "--save_strategy", "no",
             "--max_steps", "1"]
-    assert run(argv + ["--output", tmp_path / "fail"]) == 2
+    assert run_train(argv + ["--output", tmp_path / "fail"]) == 2
     line = last_line(capfd)
     assert "line 2:" in line and "line 3: malformed JSON" in line and "doctor" in line, line
-    assert run(argv + ["--output", tmp_path / "skip", "--on_bad_records", "skip"]) == 0
+    assert run_train(argv + ["--output", tmp_path / "skip", "--on_bad_records", "skip"]) == 0
     assert "skipped 2 bad records of 4 (2 invalid, 0 truncated away)" in capfd.readouterr().err
 
 
@@ -207,8 +207,8 @@ def test_invalid_records_are_skipped_and_counted(env, tmp_path, capfd):
 ])
 def test_incompatible_options_are_one_line_and_write_nothing(env, tmp_path, capfd, extra, word):
     out = tmp_path / "out"
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *STAGE1, *FAST,
-                *extra]) == 2
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *STAGE1, *FAST,
+                      *extra]) == 2
     line = last_line(capfd)
     assert line.startswith("medcare: error:") and word in line, line
     assert not out.exists()
@@ -219,7 +219,7 @@ def test_an_unreadable_model_directory_is_one_line(env, tmp_path, capfd):
     bad.mkdir()
     (bad / "config.json").write_text("{ this is not json")
     out = tmp_path / "out"
-    assert run(["stage1", "--model", bad, "--data", env["data"], "--output", out, *STAGE1, *FAST]) == 2
+    assert run_train(["stage1", "--model", bad, "--data", env["data"], "--output", out, *STAGE1, *FAST]) == 2
     line = last_line(capfd)
     assert line.startswith("medcare: error:") and "broken-model" in line, line
     assert not out.exists()
@@ -227,11 +227,12 @@ def test_an_unreadable_model_directory_is_one_line(env, tmp_path, capfd):
 
 def test_frozen_knowledge_under_fsdp1_is_refused(env, tmp_path, capfd):
     stage1 = tmp_path / "stage1"
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", stage1, *STAGE1, *FAST,
-                "--save_strategy", "no", "--max_steps", "1"]) == 0
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", stage1, *STAGE1, *FAST,
+                      "--save_strategy", "no", "--max_steps", "1"]) == 0
     out = tmp_path / "out"
-    assert run(["stage2", "--model", env["base"], "--stage1", stage1, "--data", env["data"], "--output", out, *FAST,
-                "--freeze_knowledge", "true", "--fsdp", "full_shard", "--fsdp_config", '{"version": 1}']) == 2
+    assert run_train(["stage2", "--model", env["base"], "--stage1", stage1, "--data", env["data"], "--output", out,
+                      *FAST, "--freeze_knowledge", "true", "--fsdp", "full_shard", "--fsdp_config",
+                      '{"version": 1}']) == 2
     line = last_line(capfd)
     assert "FSDP1" in line and "--freeze_knowledge" in line, line
     assert not out.exists()

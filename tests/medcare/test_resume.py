@@ -13,11 +13,14 @@ import sys
 
 import pytest
 import torch
-from pipeline_testing import one_thread, records, save_base, tiny_model, write_jsonl
+from pipeline_testing import (
+    one_thread,
+    pipeline_env,
+    run_train,
+)
 from safetensors.torch import load_file
 
 import medcare
-from medcare import train as train_mod
 from medcare.checkpoint import ADAPTER_FILE, read_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(medcare.__file__)))
@@ -82,16 +85,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, chatml_tokenizer):
-    root = tmp_path_factory.mktemp("resume")
-    base = save_base(root / "base", tiny_model("qwen2", len(chatml_tokenizer)), chatml_tokenizer)
     # 10 records of different lengths: 5 steps per epoch. Stage 1 resumes from step 6 (inside epoch 2, whose
     # shuffled order must not depend on the RNG draws of epoch 1); stage 2 from step 2 (crossing into epoch 2).
-    return dict(root=root, base=base, data=write_jsonl(root / "data.jsonl", records(10)))
-
-
-def run_in_process(argv) -> int:
-    torch.manual_seed(0)
-    return train_mod.main([str(a) for a in argv])
+    return pipeline_env(tmp_path_factory, chatml_tokenizer, "resume", 10)
 
 
 def run_killed(argv, kill_at: str) -> subprocess.CompletedProcess:
@@ -116,7 +112,7 @@ def checkpoints(path) -> list[str]:
 def test_stage1_killed_mid_epoch_resumes_exactly(env, tmp_path):
     argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, *COMMON]
     reference = tmp_path / "reference"
-    assert run_in_process(argv + ["--output", reference, "--save_strategy", "no"]) == 0
+    assert run_train(argv + ["--output", reference, "--save_strategy", "no"]) == 0
 
     out = tmp_path / "killed"
     cut = argv + ["--output", out, "--save_strategy", "steps", "--save_steps", "3"]
@@ -125,19 +121,19 @@ def test_stage1_killed_mid_epoch_resumes_exactly(env, tmp_path):
     assert checkpoints(out) == ["checkpoint-3", "checkpoint-6"] and not (out / ADAPTER_FILE).exists()
     at_checkpoint = load_file(str(out / "checkpoint-6" / ADAPTER_FILE))
 
-    assert run_in_process(cut + ["--resume_from_checkpoint", "last"]) == 0
+    assert run_train(cut + ["--resume_from_checkpoint", "last"]) == 0
     assert checkpoints(out) == ["checkpoint-10", "checkpoint-9"]  # the last step saves; save_total_limit 2
     assert_same_adapters(out, reference, moved_from=at_checkpoint)
 
 
 def test_stage2_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_exactly(env, tmp_path):
     stage1 = tmp_path / "stage1"
-    assert run_in_process(["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, *COMMON,
-                           "--output", stage1, "--save_strategy", "no", "--max_steps", "2"]) == 0
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, *COMMON,
+                      "--output", stage1, "--save_strategy", "no", "--max_steps", "2"]) == 0
     argv = ["stage2", "--model", env["base"], "--stage1", stage1, "--data", env["data"], "--dropout", "0.1",
             "--orth_lambda", "0.5", *COMMON]
     reference = tmp_path / "reference"
-    assert run_in_process(argv + ["--output", reference, "--save_strategy", "no"]) == 0
+    assert run_train(argv + ["--output", reference, "--save_strategy", "no"]) == 0
 
     out = tmp_path / "killed"
     cut = argv + ["--output", out, "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1"]
@@ -148,7 +144,7 @@ def test_stage2_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_ex
     assert (out / ".partial-checkpoint-4").is_dir()
     at_checkpoint = read_stage(str(out / "checkpoint-2"), expect_stage=2).tensors
 
-    assert run_in_process(cut + ["--resume_from_checkpoint", "last"]) == 0
+    assert run_train(cut + ["--resume_from_checkpoint", "last"]) == 0
     assert not (out / ".partial-checkpoint-4").exists()
     assert checkpoints(out) == ["checkpoint-10"]
     assert_same_adapters(out, reference, moved_from=at_checkpoint)

@@ -19,6 +19,7 @@ from pipeline_testing import (
     randomize_adapters,
     records,
     rel_err,
+    run_train,
     save_base,
     stage1_config,
     stage1_meta,
@@ -87,11 +88,6 @@ def env(tmp_path_factory, chatml_tokenizer):
                 stage1_llama=stage1_dirs["llama"], stage2=stage2, vocab=vocab)
 
 
-def run(argv) -> int:
-    torch.manual_seed(0)  # stage 2's fresh alignment A is drawn before the Trainer seeds itself
-    return train_mod.main([str(a) for a in argv])
-
-
 def step_losses(logs) -> list[dict]:
     return [entry for entry in logs if "loss" in entry and "train_loss" not in entry]
 
@@ -99,8 +95,8 @@ def step_losses(logs) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- e2e
 def test_stage1_stage2_export_end_to_end(env, tmp_path, captured_logs, capfd):
     s1, s2, out = tmp_path / "s1", tmp_path / "s2", tmp_path / "exported"
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
-                *FAST]) == 0
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
+                      *FAST]) == 0
     stage1_logs = step_losses(captured_logs)
     captured_logs.clear()
     assert sorted(os.listdir(s1)) == [ADAPTER_FILE, "expert_usage.json", "expert_usage.png", MANIFEST_FILE]
@@ -108,15 +104,15 @@ def test_stage1_stage2_export_end_to_end(env, tmp_path, captured_logs, capfd):
     assert stage1.stage1.num_experts == 4 and stage1.stage1.shared_rank == 8
     assert all(torch.count_nonzero(v) > 0 for k, v in stage1.tensors.items() if k.endswith("lora_b"))
 
-    assert run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", s2,
-                "--rank", "8", *FAST]) == 0
+    assert run_train(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", s2,
+                      "--rank", "8", *FAST]) == 0
     stage2_logs = step_losses(captured_logs)
     assert sorted(os.listdir(s2)) == [ADAPTER_FILE, MANIFEST_FILE]
     stage2 = read_stage(str(s2), expect_stage=2)
     assert {"stage", "stage1", "stage2", "stage1_dir", "base_model"} <= set(stage2.meta)
     assert {k.rsplit(".", 2)[1] for k in stage2.tensors} == {"attention", "knowledge", "alignment"}
 
-    assert run(["export", "--stage2", s2, "--output", out]) == 0
+    assert run_train(["export", "--stage2", s2, "--output", out]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
     capfd.readouterr()
 
@@ -158,8 +154,8 @@ def data_loss(model, batch) -> float:
 
 
 def test_orth_loss_is_logged_and_falls_with_a_large_lambda(env, tmp_path, captured_logs):
-    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
-                "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "50", *FAST]) == 0
+    assert run_train(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
+                      "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "50", *FAST]) == 0
     logs = step_losses(captured_logs)
     assert len(logs) == 8 and all("orth_loss" in e for e in logs)
     orth = [e["orth_loss"] for e in logs]
@@ -171,8 +167,8 @@ def test_orth_loss_is_logged_and_falls_with_a_large_lambda(env, tmp_path, captur
 
 
 def test_no_orth_loss_logged_without_the_penalty(env, tmp_path, captured_logs):
-    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
-                "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "0", "--max_steps", "2", *FAST]) == 0
+    assert run_train(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
+                      "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "0", "--max_steps", "2", *FAST]) == 0
     logs = step_losses(captured_logs)
     assert logs and not any("orth_loss" in e for e in logs)
     assert all(e["loss"] < 10 for e in logs)  # plain CE of a tiny random model (~ln 477 = 6.2)
@@ -186,7 +182,7 @@ def one_step(env, out, batch: int, accumulation: int, data: str) -> dict[str, to
             "--optim", "sgd", "--learning_rate", "0.05", "--max_grad_norm", "0", "--weight_decay", "0",
             "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--train_sampling_strategy", "sequential",
             "--logging_steps", "1", *QUIET]
-    assert run(argv) == 0
+    assert run_train(argv) == 0
     return load_file(os.path.join(out, ADAPTER_FILE))
 
 
@@ -282,7 +278,7 @@ def run_error_case(env, tmp_path, capfd, case):
     out = tmp_path / "out"
     argv = ERROR_CASES[case][0](env, tmp_path) + ["--output", out, *FAST]
     capfd.readouterr()
-    rc = run(argv)
+    rc = run_train(argv)
     captured = capfd.readouterr()
     return rc, captured.err, out
 
@@ -309,8 +305,8 @@ def test_user_errors_are_one_line(env, tmp_path, capfd, case):
 
 def test_every_record_truncated_away_is_a_user_error(env, tmp_path, capfd):
     out = tmp_path / "out"
-    rc = run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, "--model_max_length", "3",
-              *STAGE1_ADAPTERS, *FAST])
+    rc = run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, "--model_max_length", "3",
+                    *STAGE1_ADAPTERS, *FAST])
     err = capfd.readouterr().err
     assert rc == 2 and "Traceback" not in err and "truncat" in err.splitlines()[-1]
     assert not out.exists()
@@ -321,8 +317,9 @@ def test_stage2_from_an_official_stage1_with_frozen_knowledge(env, tmp_path):
     official = tmp_path / "official"
     raw, _ = fabricate_official_stage1(str(official), load_base(env["base"]))
     out = tmp_path / "s2"
-    assert run(["stage2", "--model", env["base"], "--stage1", official, "--data", env["data"], "--output", out,
-                "--rank", "8", "--freeze_knowledge", "true", "--weight_decay", "0", "--max_steps", "2", *FAST]) == 0
+    assert run_train(["stage2", "--model", env["base"], "--stage1", official, "--data", env["data"], "--output", out,
+                      "--rank", "8", "--freeze_knowledge", "true", "--weight_decay", "0", "--max_steps", "2",
+                      *FAST]) == 0
     stage2 = read_stage(str(out), expect_stage=2)
     assert stage2.meta["stage1"]["num_experts"] == OFFICIAL_E and stage2.meta["stage2"]["freeze_knowledge"]
     moved = 0.0
@@ -339,8 +336,8 @@ def test_stage2_from_an_official_stage1_with_frozen_knowledge(env, tmp_path):
 
 def test_freeze_knowledge_with_weight_decay_is_refused(env, tmp_path, capfd):
     out = tmp_path / "s2"
-    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--output", out,
-                "--freeze_knowledge", "true", "--weight_decay", "0.1", *FAST]) == 2
+    assert run_train(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
+                      "--output", out, "--freeze_knowledge", "true", "--weight_decay", "0.1", *FAST]) == 2
     assert "weight_decay" in capfd.readouterr().err
     assert not out.exists()
 
@@ -352,11 +349,11 @@ def test_resume_from_checkpoint_continues_exactly(env, tmp_path):
             "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
             "--model_dtype", "float32"]
     full = tmp_path / "full"
-    assert run(argv + ["--output", full, "--save_strategy", "steps", "--save_steps", "2"]) == 0
+    assert run_train(argv + ["--output", full, "--save_strategy", "steps", "--save_steps", "2"]) == 0
     assert {ADAPTER_FILE, MANIFEST_FILE, "optimizer.pt"} <= set(os.listdir(full / "checkpoint-2"))
     read_stage(str(full / "checkpoint-2"), expect_stage=2)
     resumed = tmp_path / "resumed"
-    assert run(argv + ["--output", resumed, "--save_strategy", "no",
+    assert run_train(argv + ["--output", resumed, "--save_strategy", "no",
                        "--resume_from_checkpoint", full / "checkpoint-2"]) == 0
     want, got = load_file(str(full / ADAPTER_FILE)), load_file(str(resumed / ADAPTER_FILE))
     assert set(want) == set(got)
@@ -371,8 +368,8 @@ def test_gradient_checkpointing_gives_the_same_step(env, tmp_path):
     argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1_ADAPTERS, "--attn_dropout", "0.3",
             "--max_steps", "1", "--optim", "sgd", "--learning_rate", "0.1", "--max_grad_norm", "0",
             "--train_sampling_strategy", "sequential", *FAST]
-    assert run(argv + ["--output", tmp_path / "plain"]) == 0
-    assert run(argv + ["--output", tmp_path / "ckpt", "--gradient_checkpointing", "true"]) == 0
+    assert run_train(argv + ["--output", tmp_path / "plain"]) == 0
+    assert run_train(argv + ["--output", tmp_path / "ckpt", "--gradient_checkpointing", "true"]) == 0
     plain, ckpt = load_file(str(tmp_path / "plain" / ADAPTER_FILE)), load_file(str(tmp_path / "ckpt" / ADAPTER_FILE))
     assert any(torch.count_nonzero(v) for k, v in plain.items() if k.endswith("experts.lora_b"))
     for k in plain:
@@ -381,20 +378,20 @@ def test_gradient_checkpointing_gives_the_same_step(env, tmp_path):
 
 def test_stage2_after_a_partial_stage1_uses_or_names_its_targets(env, tmp_path, capfd):
     s1 = tmp_path / "s1"
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
-                "--mlp_targets", "up_proj", "--max_steps", "1", *FAST]) == 0
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
+                      "--mlp_targets", "up_proj", "--max_steps", "1", *FAST]) == 0
     capfd.readouterr()
     out = tmp_path / "s2"
-    rc = run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", out,
-              "--max_steps", "1", *FAST])
+    rc = run_train(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", out,
+                    "--max_steps", "1", *FAST])
     err = capfd.readouterr().err
     if rc == 0:  # stage 2 followed stage 1's MLP targets
         assert {k.split(".")[4] for k in read_stage(str(out)).tensors if ".knowledge." in k} == {"up_proj"}
     else:  # or it says what to change
         assert rc == 2 and "--targets" in err and "up_proj" in err, err
     # With matching targets it works.
-    assert run(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output",
-                tmp_path / "s2b", "--targets", "up_proj", "--max_steps", "1", *FAST]) == 0
+    assert run_train(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output",
+                      tmp_path / "s2b", "--targets", "up_proj", "--max_steps", "1", *FAST]) == 0
 
 
 def _last_error_line(capfd) -> str:
@@ -407,13 +404,13 @@ def test_a_non_empty_output_is_never_overwritten(env, tmp_path, capfd):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *FAST]) == 2
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *FAST]) == 2
     assert "already exists and is not empty" in _last_error_line(capfd)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     # stage 2 writing into its own --stage1 directory is refused even with --overwrite_output
     before = (tmp_path / "x").exists()
-    assert run(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--output",
-                env["stage1"], "--overwrite_output", "true", *FAST]) == 2
+    assert run_train(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--output",
+                      env["stage1"], "--overwrite_output", "true", *FAST]) == 2
     assert "is also an input" in _last_error_line(capfd) and not before
     assert '"stage": 1' in open(os.path.join(env["stage1"], "medcare_adapter.json")).read()
 
@@ -421,6 +418,6 @@ def test_a_non_empty_output_is_never_overwritten(env, tmp_path, capfd):
 def test_a_bad_kernel_backend_is_reported_before_loading(env, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("MEDCARE_KERNELS_BACKEND", "fastest")
     out = tmp_path / "out"
-    assert run(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *FAST]) == 2
+    assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", out, *FAST]) == 2
     assert "MEDCARE_KERNELS_BACKEND" in _last_error_line(capfd)
     assert not out.exists()
