@@ -91,6 +91,28 @@ def _per_parameter(flat: torch.Tensor, params) -> list[torch.Tensor]:
     return list(torch._utils._unflatten_dense_tensors(flat, params))
 
 
+def _route_grad(d_gates, logits, indices, stats):
+    """d logits from d gates: the one backward of both autograd routes (the op's registered one, _RouteTopK)."""
+    return torch.ops.medcare.route_topk_backward(d_gates.to(stats.dtype).contiguous(), logits, indices, stats)
+
+
+def _orth_grads(grad, saved, n: int, want_base, want_orth):
+    """(d a_base, d a_orth) as lists with None where a parameter needs no gradient: the one backward of both
+    autograd routes. saved = (*a_base, *a_orth, signs)."""
+    need_base, need_orth = any(want_base), any(want_orth)
+    if grad is None or not (need_base or need_orth):
+        return [None] * n, [None] * n
+    a_base, a_orth = list(saved[:n]), list(saved[n:2 * n])
+    d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], a_base, a_orth, need_base, need_orth)
+
+    def side(flat, params, want, needed):
+        if not needed:
+            return [None] * n
+        return [g if w else None for g, w in zip(_per_parameter(flat, params), want, strict=True)]
+
+    return side(d_base, a_base, want_base, need_base), side(d_orth, a_orth, want_orth, need_orth)
+
+
 def _route_topk_setup(ctx, inputs, output):
     logits, _ = inputs
     _, indices, stats = output
@@ -99,11 +121,7 @@ def _route_topk_setup(ctx, inputs, output):
 
 
 def _route_topk_backward(ctx, d_gates, _d_indices, _d_stats):
-    logits, indices, stats = ctx.saved_tensors
-    if d_gates is None:
-        return None, None
-    d_gates = d_gates.to(stats.dtype).contiguous()
-    return torch.ops.medcare.route_topk_backward(d_gates, logits, indices, stats), None
+    return (None if d_gates is None else _route_grad(d_gates, *ctx.saved_tensors)), None
 
 
 def _orth_penalty_setup(ctx, inputs, output):
@@ -115,17 +133,8 @@ def _orth_penalty_setup(ctx, inputs, output):
 
 
 def _orth_penalty_backward(ctx, grad, _d_signs):
-    n, saved = ctx.n_pairs, ctx.saved_tensors
-    need_base, need_orth = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
-    if grad is None or not (need_base or need_orth):
-        return [None] * n, [None] * n
-    a_base, a_orth = list(saved[:n]), list(saved[n:2 * n])
-    d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], a_base, a_orth, need_base, need_orth)
     # List inputs take lists of gradients, None where a tensor needs none.
-    return ([g if want else None for g, want in zip(_per_parameter(d_base, a_base), ctx.needs_input_grad[0],
-                                                    strict=True)] if need_base else [None] * n,
-            [g if want else None for g, want in zip(_per_parameter(d_orth, a_orth), ctx.needs_input_grad[1],
-                                                    strict=True)] if need_orth else [None] * n)
+    return _orth_grads(grad, ctx.saved_tensors, ctx.n_pairs, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
 class _RouteTopK(torch.autograd.Function):
@@ -142,9 +151,7 @@ class _RouteTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_gates, _d_indices):
-        logits, indices, stats = ctx.saved_tensors
-        d_gates = d_gates.to(stats.dtype).contiguous()
-        return torch.ops.medcare.route_topk_backward(d_gates, logits, indices, stats), None
+        return _route_grad(d_gates, *ctx.saved_tensors), None
 
 
 class _OrthPenalty(torch.autograd.Function):
@@ -161,17 +168,9 @@ class _OrthPenalty(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        n, saved = ctx.n_pairs, ctx.saved_tensors
-        wants = ctx.needs_input_grad[1:]
-        need_base, need_orth = any(wants[:n]), any(wants[n:])
-        if not (need_base or need_orth):
-            return (None,) * (2 * n + 1)
-        a_base, a_orth = list(saved[:n]), list(saved[n:2 * n])
-        d_base, d_orth = torch.ops.medcare.orth_penalty_backward(grad, saved[-1], a_base, a_orth, need_base,
-                                                                 need_orth)
-        grads = ((_per_parameter(d_base, a_base) if need_base else [None] * n)
-                 + (_per_parameter(d_orth, a_orth) if need_orth else [None] * n))
-        return (None, *(g if want else None for g, want in zip(grads, wants, strict=True)))
+        n, wants = ctx.n_pairs, ctx.needs_input_grad[1:]
+        d_base, d_orth = _orth_grads(grad, ctx.saved_tensors, n, wants[:n], wants[n:])
+        return (None, *d_base, *d_orth)
 
 
 def _beyond_kernel_limits(op: str, why: str):
