@@ -1,11 +1,12 @@
 """Kernel-level GPU timings behind the Triton backend's choices (run on the GPU machine, prints a table).
 
-1. The base GEMM alone: torch.mm (cuBLAS) against the Triton gemm2 at the exact Qwen1.5-7B MLP shapes, and the
-   forward expand as cuBLAS mm + in-place addmm against gemm2 with the adapters as a second K segment.
-   `_triton_gemm.DEFAULT_GEMM` follows this table.
+1. The GEMMs alone at the exact Qwen1.5-7B MLP shapes: torch.mm (cuBLAS) against the Triton gemm2; the skinny
+   low-rank term alone (cuBLAS mm vs gemm2, K = 160) and cuBLAS's base GEMM with beta = 1 (C read in its
+   epilogue); then the forward (x W^T + S B^T, K2 = 160) and the input gradient (dY W + [dh | dl] [A; Wr],
+   K2 = 168) by every path of _triton_gemm.gemm_sum. `_triton_gemm.DEFAULT_GEMM` follows this table.
 2. One projection, forward + backward (x, router and adapters trainable, W frozen): the floor (frozen base:
    forward + input gradient, cuBLAS) against medcare's triton backend with each GEMM path and the torch backend;
-   and the bytes autograd saves beyond x.
+   the bytes autograd saves beyond x; and lora_linear at ranks 64 (with the stage-2 dropout 0.05) and 16.
 
     python benchmarks/bench_triton_gemm.py [--tokens 8192] [--output DIR]
 """
@@ -41,16 +42,24 @@ def gemm_table(t, dt):
         s = torch.randn(t, 160, device="cuda", dtype=dt)
         b = torch.randn(dout, 160, device="cuda", dtype=dt)
         dy = torch.randn(t, dout, device="cuda", dtype=dt)
+        dhl = torch.randn(t, 168, device="cuda", dtype=dt)
+        a_ext = torch.randn(168, din, device="cuda", dtype=dt)
+        c = torch.mm(x, w.t())
         ms_mm = bench(lambda: torch.mm(x, w.t()))
         ms_g = bench(lambda: _triton_gemm.gemm2(x, w, None, None))
-        ms_mm_add = bench(lambda: torch.mm(x, w.t()).addmm_(s, b.t()))
-        ms_g2 = bench(lambda: _triton_gemm.gemm2(x, w, s, b))
-        ms_dx = bench(lambda: torch.mm(dy, w))
-        ms_gdx = bench(lambda: _triton_gemm.gemm2(dy, w.t(), None, None))
         flops = 2 * t * din * dout
-        rows.append({"shape": name, "mm_ms": ms_mm, "triton_ms": ms_g, "mm+addmm_ms": ms_mm_add, "gemm2_ms": ms_g2,
-                     "dx_mm_ms": ms_dx, "dx_triton_ms": ms_gdx, "mm_tflops": flops / ms_mm / 1e9,
-                     "triton_tflops": flops / ms_g / 1e9})
+        rec = {"shape": name, "mm_ms": ms_mm, "triton_ms": ms_g, "mm_tflops": flops / ms_mm / 1e9,
+               "triton_tflops": flops / ms_g / 1e9,
+               # the pieces of the `epilogue` path: the low-rank term written alone, the base GEMM with beta = 1
+               "expand_mm_ms": bench(lambda: torch.mm(s, b.t())),
+               "expand_gemm2_ms": bench(lambda: _triton_gemm.gemm2(s, b, None, None)),
+               "mm_beta1_ms": bench(lambda: c.addmm_(x, w.t())),
+               "dx_mm_ms": bench(lambda: torch.mm(dy, w)), "dx_triton_ms": bench(
+                   lambda: _triton_gemm.gemm2(dy, w.t(), None, None))}
+        for path in _triton_gemm.GEMM_PATHS:
+            rec[f"fwd_{path}_ms"] = bench(lambda: _triton_gemm.gemm_sum([(x, w)], s, b, path=path))
+            rec[f"dx_{path}_ms"] = bench(lambda: _triton_gemm.gemm_sum([(dy, w.t())], dhl, a_ext.t(), path=path))
+        rows.append(rec)
     return rows
 
 
@@ -80,7 +89,7 @@ def projection_table(t, dt):
 
         ms_base = bench(base)
         rec = {"shape": name, "base_ms": ms_base}
-        for label, backend, gemm in [("triton-fused", "triton", "fused"), ("triton-cublas", "triton", "cublas"),
+        for label, backend, gemm in [*((f"triton-{p}", "triton", p) for p in _triton_gemm.GEMM_PATHS),
                                      ("torch", "torch", "auto")]:
             ms = bench(lambda: molora(backend, gemm))
             os.environ["MEDCARE_TRITON_GEMM"] = gemm
@@ -92,18 +101,18 @@ def projection_table(t, dt):
             rec[f"{label}_ms"] = ms
             rec[f"{label}_x_base"] = ms / ms_base
             rec[f"{label}_saved_vs_TxRt"] = extra
-        for r in (64, 16):
+        for r, p in ((64, 0.05), (64, 0.0), (16, 0.0)):
             la = (torch.randn(r, din, device="cuda", dtype=dt) / din**0.5).requires_grad_()
             lb = (torch.randn(dout, r, device="cuda", dtype=dt) * 0.01).requires_grad_()
-            for gemm in ("fused", "cublas"):
+            for gemm in _triton_gemm.GEMM_PATHS:
                 os.environ["MEDCARE_TRITON_GEMM"] = gemm
 
                 def lora():
                     with mk.use_backend("triton"):
-                        mk.lora_linear(x, w, None, la, lb, scaling=2.0).backward(dy)
+                        mk.lora_linear(x, w, None, la, lb, scaling=2.0, dropout=p).backward(dy)
 
                 ms = bench(lora)
-                rec[f"lora{r}-{gemm}_x_base"] = ms / ms_base
+                rec[f"lora{r}{'-drop' if p else ''}-{gemm}_x_base"] = ms / ms_base
         os.environ.pop("MEDCARE_TRITON_GEMM", None)
         rows.append(rec)
     return rows

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU machine's run (device tool), in order of value, each step time-boxed: install with the CUDA
-# extension (verbose log), GPU tests with short tracebacks, every benchmark suite, then a per-kernel profile
-# of one MoLoRA projection. Logs and a results tarball under $OUT (the tool brings back few files).
-#   bash scripts/gpu_check.sh                    # all steps (~10 min: one device call at the 600 s limit)
-#   bash scripts/gpu_check.sh tests              # install + GPU tests only; also: bench, profile
-# Better over two device calls: `... tests`, then `RUN_ALL_BUDGET=300 bash scripts/gpu_check.sh bench profile`
-# (every case of every suite, plus the GPU busy-time pass, fits in the second).
+# extension (verbose log), GPU tests with short tracebacks, the GEMM-path table (bench_triton_gemm.py: which
+# path _triton_gemm.DEFAULT_GEMM should be), every benchmark suite, then a per-kernel profile of one MoLoRA
+# projection. Logs and a results tarball under $OUT (the tool brings back few files).
+#   bash scripts/gpu_check.sh                    # all steps (over 600 s: use the two calls below)
+#   bash scripts/gpu_check.sh tests              # install + GPU tests only; also: gemm, bench, profile
+# Three device calls, each under the 600 s limit: `... tests`, `... gemm` (its autotuning compiles dominate),
+# then `RUN_ALL_BUDGET=300 bash scripts/gpu_check.sh bench profile` (every case of every suite, plus the GPU
+# busy-time pass). Each call reinstalls; the extension's build objects are kept between calls.
 set -uo pipefail
-STEPS="${*:-tests bench profile}"
+STEPS="${*:-tests gemm bench profile}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -25,6 +27,11 @@ timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short --ti
   tests/medcare_kernels/test_orth_penalty.py tests/medcare_kernels/test_molora_gate_up.py tests/benchmarks \
   tests/medcare >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? in $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/gpu_tests.log" | head -40
+fi
+if want gemm; then
+t0=$SECONDS
+timeout 360 python3 benchmarks/bench_triton_gemm.py --output "$RES" >"$OUT/triton_gemm.log" 2>&1
+echo "bench_triton_gemm rc=$? in $((SECONDS - t0)) s"; cat "$OUT/triton_gemm.log" | tail -8
 fi
 if want bench; then
 t0=$SECONDS

@@ -8,6 +8,8 @@ x), and the 64-bit counter is split into two 32-bit words by hand, so every Trit
     shrink(x, A)        h = drop(x) A^T                [T, R]    one pass over x
     wgrad(dS, x)        dA = dS^T drop(x)              [R, Din]  one pass over x; fp32 partials per token split,
                                                                  summed afterwards (deterministic, no atomics)
+    lowrank_dx(dS, A)   drop'(dS A) (+ dl Wr)          [T, Din]  one write of dX (the `epilogue` GEMM path: the
+                                                                 base input gradient is added by cuBLAS after)
     dx_add_(dX, dS, A)  dX += drop'(dS A)              [T, Din]  in place: one read and one write of dX
 
 Why: the torch-RNG draw (reference.dropout_keep_mask) writes and reads a [T, Din] fp32 uniform tensor, a bool
@@ -16,7 +18,8 @@ three more [T, Din] passes: about 1.3 GB at T=8192, Din=4096 in bf16, 0.4 ms of 
 projection. Here the extra traffic is the one read of x in each of shrink and wgrad and one read-modify-write of
 dX. drop(x) is scaled by 1/(1-p) in fp32, after the dot (the reference rounds x/(1-p) to x's dtype first).
 Launch shapes: 8 warps for shrink and wgrad (at 4 the Philox state spilled registers on sm_90), Din blocks
-sized by dtype (`_block_d`), ranks over 64 in chunks of 64 (R_CHUNK), 32-token wgrad tiles for fp32.
+sized by dtype (`_block_d`), shrink and wgrad ranks over 64 in chunks of 64 (R_CHUNK; the dX kernel loops over
+the rank, so it makes one pass for any rank), 32-token wgrad tiles for fp32.
 tests/medcare_kernels/test_triton_sm90.py builds them for sm_90a with Triton's ptxas on CPU: no spills.
 
 Every Triton op of medcare_kernels (lora_linear, molora_linear, molora_gate_up) drops this way. The draw is
@@ -33,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_gemm import INTERPRET, dot_flags, mma, token_splits
+from ._triton_gemm import INTERPRET, dot_flags, gemm_path, gemm_sum, mma, token_splits
 
 # Token rows and Din columns per program: small under the interpreter (it runs every program in Python).
 BLOCK_T = 16 if INTERPRET else 32
@@ -45,8 +48,9 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-# Adapter rows per launch: wider tiles spill registers on sm_90 (test_triton_sm90.py), so ranks over 64 (MoLoRA's
-# Rt = E*R + Rs = 160, molora_gate_up's 320) run in chunks of 64, each reading x (or updating dX) once more.
+# Adapter rows per shrink/wgrad launch: their [tokens, R] / [R, Din] accumulators spill registers on sm_90 when
+# wider (test_triton_sm90.py), so ranks over 64 (MoLoRA's Rt = E*R + Rs = 160, molora_gate_up's 320) run in
+# chunks of 64, each reading x once more. The dX kernel's accumulator does not grow with the rank: no chunks.
 R_CHUNK = 64
 
 
@@ -139,20 +143,33 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, s_dst, s_sp
 
 
 @triton.jit
-def _dx_add_kernel(dx_ptr, ds_ptr, a_ptr, seed_ptr, T, DIN, R, s_dxt, s_dst, p, scale, IEEE: tl.constexpr,
-                   UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                   R_PAD: tl.constexpr):
+def _dx_kernel(dx_ptr, ds_ptr, a_ptr, dl_ptr, wr_ptr, seed_ptr, T, DIN, R, E, s_dxt, s_dst, s_dlt, p, scale,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, ACC_C: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    # dX (+)= drop'(dS A) + dl Wr for one [BLOCK_T, BLOCK_D] tile: the rank is a K loop (any R, one pass over
+    # dX), the unmasked term (MoLoRA's router part; E = 0 for none) one more dot; ACC_C adds to dX in place.
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    r = tl.arange(0, R_PAD)
-    t_ok, d_ok, r_ok = rows < T, d < DIN, r < R
-    ds = tl.load(ds_ptr + rows[:, None] * s_dst + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-    upd = mma(ds, a, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), IEEE, UPCAST)
+    t_ok, d_ok = rows < T, d < DIN
+    upd = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    for r0 in range(0, R, R_BLOCK):
+        r = r0 + tl.arange(0, R_BLOCK)
+        r_ok = r < R
+        ds = tl.load(ds_ptr + rows[:, None] * s_dst + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        upd = mma(ds, a, upd, IEEE, UPCAST)
     upd = tl.where(_keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_D, DIN, p, BLOCK_D), upd * scale, 0.0)
+    if E > 0:
+        ce = tl.arange(0, E_PAD)
+        dl = tl.load(dl_ptr + rows[:, None] * s_dlt + ce[None, :], mask=t_ok[:, None] & (ce < E)[None, :],
+                     other=0.0)
+        wr = tl.load(wr_ptr + ce[:, None] * DIN + d[None, :], mask=(ce < E)[:, None] & d_ok[None, :], other=0.0)
+        upd = mma(dl, wr, upd, IEEE, UPCAST)
     ptrs = dx_ptr + rows[:, None].to(tl.int64) * s_dxt + d[None, :]
     ok = t_ok[:, None] & d_ok[None, :]
-    tl.store(ptrs, (tl.load(ptrs, mask=ok, other=0.0).to(ACC) + upd).to(dx_ptr.dtype.element_ty), mask=ok)
+    if ACC_C:
+        upd += tl.load(ptrs, mask=ok, other=0.0).to(ACC)
+    tl.store(ptrs, upd.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -214,17 +231,49 @@ def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | None, p: float
     return part.sum(0).to(x.dtype)
 
 
+def lowrank_dx(ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, dl: torch.Tensor | None = None,
+               wr: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """drop'(ds a) + dl wr [T, Din], written into a new tensor, or added in place to `out` [T, Din] (unit stride
+    along Din), in one pass over the output for any rank. ds [T, R] (unit stride along R); a [R, Din]
+    contiguous; dl [T, E] / wr [E, Din] contiguous: an unmasked term (MoLoRA's router part), or None."""
+    t, din = ds.shape[0], a.shape[1]
+    acc_c = out is not None
+    if out is None:
+        out = torch.empty(t, din, dtype=ds.dtype, device=ds.device)
+    if not (t and din):
+        return out
+    e = 0 if dl is None else dl.shape[1]
+    if dl is None:
+        dl, wr = ds, a
+    r_block = 16 if INTERPRET else min(64, _pad(ds.shape[1]))
+    _dx_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
+        out, ds, a, dl, wr, seed, t, din, ds.shape[1], e, out.stride(0), ds.stride(0), dl.stride(0), p,
+        1.0 / (1.0 - p), **dot_flags(out.dtype), ACC_C=acc_c, BLOCK_T=BLOCK_T, BLOCK_D=DX_BLOCK_D,
+        R_BLOCK=r_block, E_PAD=_pad(e))
+    return out
+
+
 def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None, p: float
             ) -> torch.Tensor:
     """dx [T, Din] (unit stride along Din) += drop'(ds a), in place (a plain addmm_ without dropout); ds [T, R]
     (unit stride along R), a [R, Din] contiguous."""
     if seed is None:
         return dx.addmm_(ds, a)
-    t, din = dx.shape
-    if not (t and din):
-        return dx
-    for c0, c1 in _chunks(ds.shape[1]):
-        _dx_add_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
-            dx, ds[:, c0:], a[c0:c1], seed, t, din, c1 - c0, dx.stride(0), ds.stride(0), p, 1.0 / (1.0 - p),
-            **dot_flags(dx.dtype), BLOCK_T=BLOCK_T, BLOCK_D=DX_BLOCK_D, R_PAD=_pad(c1 - c0))
-    return dx
+    return lowrank_dx(ds, a, seed, p, out=dx)
+
+
+def input_grad(bases: list[tuple[torch.Tensor, torch.Tensor]], ds: torch.Tensor, a: torch.Tensor,
+               seed: torch.Tensor, p: float, dl: torch.Tensor | None = None, wr: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """An input gradient with dropout on the adapters: sum_i dY_i W_i + drop'(ds a) + dl wr, by the GEMM path of
+    _triton_gemm.gemm_path. bases: (dY [T, Dout], W.t() [Din, Dout]) pairs as gemm_sum takes them; ds, a, dl, wr
+    as lowrank_dx. `epilogue`: the masked low-rank terms written once, then cuBLAS adds the base terms (beta = 1);
+    the others: the base terms (and dl wr) by gemm_sum, then the masked term added in place."""
+    path = gemm_path(bases[0][0].device)
+    if path == "epilogue":
+        out = lowrank_dx(ds, a, seed, p, dl, wr)
+        for dy, w_t in bases:
+            out.addmm_(dy, w_t.t())
+        return out
+    out = gemm_sum(bases, dl, None if wr is None else wr.t(), path=path)
+    return lowrank_dx(ds, a, seed, p, out=out)

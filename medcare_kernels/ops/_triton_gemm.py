@@ -1,13 +1,26 @@
-"""A GEMM with a second K segment: C = A1 B1^T + A2 B2^T (+ bias), for the Triton LoRA/MoLoRA ops.
+"""The Triton ops' GEMMs: Y = X W^T (+ more base terms) + S B^T (+ bias), a frozen base GEMM and a low-rank term.
 
-This is the LoRAFusion idea without concatenating anything: the low-rank expand (S lora_b^T in the forward,
-[dh | dl] [lora_a; Wr] in the input gradient) rides along the frozen base GEMM as a few extra K iterations, so
-the [T, Dout] output is written once instead of written, read back and written again by an in-place addmm.
-fp32 accumulation; fp32 operands use IEEE fp32 dots (never TF32: the torch backend does not use TF32 either).
+gemm2 is a Triton GEMM with a second K segment, C = A1 B1^T + A2 B2^T (+ bias) (+ C): the LoRAFusion idea
+without concatenating anything. fp32 accumulation; fp32 operands use IEEE fp32 dots (never TF32: the torch
+backend does not use TF32 either).
 
-Whether this beats cuBLAS + an in-place addmm depends on the Triton GEMM running at cuBLAS speed at the exact
-shape, so the callers pick the path with `use_fused_gemm()` (MEDCARE_TRITON_GEMM=fused|cublas|auto); `auto`
-follows what benchmarks/bench_triton_gemm.py measured on an H100 (see the note in DEFAULT_GEMM).
+`gemm_sum` is what the ops call: the sum of the big base terms and one skinny low-rank term (the forward
+expand S lora_b^T with K = Rt; the input gradient's [dh | dl] [lora_a; Wr] with K = Rt + E), by one of four
+paths (MEDCARE_TRITON_GEMM, or `auto` = DEFAULT_GEMM on a GPU):
+
+    cublas    base by cuBLAS, then the low-rank term by a cuBLAS in-place addmm (read + write of C again)
+    add       base by cuBLAS, then the low-rank term by gemm2 accumulating into C (read + write of C again)
+    epilogue  the low-rank term by gemm2 writes C (+ bias) first, then the base GEMMs by cuBLAS with beta = 1:
+              C is read in cuBLAS's epilogue, under its compute-bound main loop (one write of C more, no read)
+    fused     one gemm2 with the low-rank term as the 2nd K segment (C written once; needs gemm2 at cuBLAS speed)
+
+Why these: on an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192; benchmarks/bench_triton_gemm.py) cuBLAS
+runs the base GEMM at 788 TFLOP/s where gemm2 reached 679, so `fused` lost; and cuBLAS's in-place K=160
+addmm on the [8192, 11008] output cost 0.29 ms, 2.6x what its 360 MB of traffic take at 3.35 TB/s: that
+addmm (forward at gate/up, input gradient at down) was most of the MoLoRA projection's excess over its base.
+`epilogue` moves 180 MB instead of 360 MB on that output with a kernel whose one K tile streams at bandwidth;
+`add` keeps the traffic and only swaps cuBLAS's skinny kernel for gemm2. The DEFAULT_GEMM note says which
+was measured.
 """
 
 from __future__ import annotations
@@ -20,9 +33,12 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# On an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192) measured with benchmarks/bench_triton_gemm.py; the
-# value is the path `auto` takes.
-DEFAULT_GEMM = "cublas"
+GEMM_PATHS = ("cublas", "add", "epilogue", "fused")
+# The path `auto` takes on a GPU. "epilogue" by the traffic argument of the module doc: it moves no more bytes
+# than "cublas" or "add" on any shape (at worst cuBLAS's epilogue read of C is not hidden, and it moves the
+# same), and "cublas"'s skinny addmm was measured at 2.6x its traffic. bench_triton_gemm.py times all four at
+# the exact shapes on the next H100 session; follow its table here.
+DEFAULT_GEMM = "epilogue"
 
 
 def _configs():
@@ -111,14 +127,50 @@ def token_splits(t: int, n_blocks: int, block_t: int, device: torch.device) -> t
     return triton.cdiv(t, per), per
 
 
-def use_fused_gemm(device: torch.device) -> bool:
-    """True when the base GEMM and the low-rank expand should run as one Triton GEMM (see the module doc)."""
+def gemm_path(device: torch.device) -> str:
+    """The GEMM path of the Triton ops (module doc): $MEDCARE_TRITON_GEMM if set, else `auto` = DEFAULT_GEMM
+    (under the interpreter on CPU: "fused", so the CPU tests run gemm2's both segments)."""
     choice = os.environ.get("MEDCARE_TRITON_GEMM", "auto").strip().lower()
-    if choice not in ("auto", "fused", "cublas"):
-        raise ValueError(f"$MEDCARE_TRITON_GEMM must be auto, fused or cublas; got {choice!r}")
+    if choice not in ("auto",) + GEMM_PATHS:
+        raise ValueError(f"$MEDCARE_TRITON_GEMM must be auto, {', '.join(GEMM_PATHS)}; got {choice!r}")
     if choice == "auto":
         choice = "fused" if (INTERPRET and device.type == "cpu") else DEFAULT_GEMM
-    return choice == "fused"
+    return choice
+
+
+def gemm_sum(bases: list[tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor | None, b: torch.Tensor | None,
+             bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
+    """sum_i a_i w_i^T + s b^T (+ bias) [M, N] by the path of `gemm_path` (module doc).
+
+    bases: one or more big terms (a [M, K], w [N, K]; any strides: pass W.t() views for an input gradient);
+    s [M, K2] / b [N, K2]: the skinny low-rank term (None for none); bias [N] | None. Allocated in a's dtype.
+    """
+    path = path or gemm_path(bases[0][0].device)
+    (a0, w0), rest = bases[0], bases[1:]
+    if s is None or path == "cublas" or (path == "fused" and rest):
+        if path == "fused" and rest:            # the first two base terms as one two-segment GEMM
+            out = gemm2(a0, w0, rest[0][0], rest[0][1], bias)
+            rest = rest[1:]
+        else:
+            out = torch.addmm(bias, a0, w0.t()) if bias is not None else torch.mm(a0, w0.t())
+        for a, w in rest:
+            out.addmm_(a, w.t())
+        if s is not None:
+            out.addmm_(s, b.t())
+        return out
+    if path == "fused":
+        return gemm2(a0, w0, s, b, bias)
+    if path == "add":
+        out = torch.addmm(bias, a0, w0.t()) if bias is not None else torch.mm(a0, w0.t())
+        for a, w in rest:
+            out.addmm_(a, w.t())
+        return gemm2(s, b, None, None, out=out, accumulate=True)
+    if path != "epilogue":
+        raise ValueError(f"unknown GEMM path {path!r}; expected one of {GEMM_PATHS}")
+    out = gemm2(s, b, None, None, bias)          # the low-rank term (+ bias) written once
+    for a, w in bases:                           # cuBLAS with beta = 1 reads it in the epilogue
+        out.addmm_(a, w.t())
+    return out
 
 
 def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,

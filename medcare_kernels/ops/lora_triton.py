@@ -2,14 +2,14 @@
 
 Forward:   h = drop(x) A^T [T, R]: cuBLAS without dropout (a skinny GEMM it runs at bandwidth); with dropout the
            Triton shrink kernel of _triton_dropout, which regenerates the mask from a seed while it reads x;
-           y = x W^T + b + h (s B)^T: cuBLAS base + in-place addmm, or one Triton GEMM with h/(s B) as a second
-           K segment (_triton_gemm.gemm2, MEDCARE_TRITON_GEMM=fused; it lost to cuBLAS on an H100, see there).
+           y = x W^T + b + h (s B)^T by _triton_gemm.gemm_sum: by default (`epilogue`) the expand written by the
+           Triton gemm2 first, then the cuBLAS base GEMM adds into it (beta = 1); see there for the other paths.
 Saved:     x (the caller's tensor), h [T, R] and, with dropout, the seed of the draw (int64 [1] on the device;
            the mask is regenerated in backward, never kept): O(T*R) beyond x.
 Backward:  dS = dY (s B) [T, R];  dB = s dY^T h (cuBLAS);
-           without dropout: dA = dS^T x (cuBLAS), dX = dY W + dS A (cuBLAS mm + in-place addmm, or gemm2);
-           with dropout: dA = dS^T drop(x) from one Triton pass over x, dX = dY W (cuBLAS), then
-           dX += drop'(dS A) in place by one Triton pass (the mask regenerated from the seed each time).
+           without dropout: dA = dS^T x (cuBLAS), dX = dY W + dS A (gemm_sum, as the forward);
+           with dropout: dA = dS^T drop(x) from one Triton pass over x, dX = drop'(dS A) written by one Triton
+           pass (the mask regenerated from the seed), then dY W added by cuBLAS (_triton_dropout.input_grad).
 The dropout mask is Triton's Philox draw, not the torch backend's: see _triton_dropout for why and what differs.
 A torch.library custom op with a fake implementation and registered autograd (torch.compile fullgraph works).
 Reference: medcare_kernels.reference.lora_linear.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton_dropout
-from ._triton_gemm import gemm2, use_fused_gemm
+from ._triton_gemm import gemm_sum
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -29,12 +29,7 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, seed, dropout):
     seed: the dropout draw's seed (int64 [1] on x's device) | None -> (y [T, Dout], h [T, R])."""
     h = _triton_dropout.shrink(x, lora_a, seed, dropout)
     b_scaled = lora_b * scaling                                        # [Dout, R], tiny
-    if use_fused_gemm(x.device):
-        y = gemm2(x, weight, h, b_scaled, bias)
-    else:
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        y.addmm_(h, b_scaled.t())
-    return y, h
+    return gemm_sum([(x, weight)], h, b_scaled, bias), h
 
 
 def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, seed, dropout):
@@ -43,10 +38,8 @@ def lora_bwd(dy, x, h, weight, lora_a, lora_b, scaling, seed, dropout):
     d_lb = (dy.t() @ h).mul_(scaling)                                  # [Dout, R]
     if seed is not None:
         d_a = _triton_dropout.wgrad(ds, x, seed, dropout)         # [R, Din]
-        return _triton_dropout.dx_add_(torch.mm(dy, weight), ds, lora_a, seed, dropout), d_a, d_lb
-    d_a = ds.t() @ x
-    dx = gemm2(dy, weight.t(), ds, lora_a.t()) if use_fused_gemm(x.device) else torch.mm(dy, weight).addmm_(ds, lora_a)
-    return dx, d_a, d_lb
+        return _triton_dropout.input_grad([(dy, weight.t())], ds, lora_a, seed, dropout), d_a, d_lb
+    return gemm_sum([(dy, weight.t())], ds, lora_a.t()), ds.t() @ x, d_lb
 
 
 # ---------------------------------------------------------------------------------------------- custom op + autograd

@@ -8,16 +8,18 @@ strides, so they run on column slices of shared buffers):
 Forward (Rt_g, Rt_u = E*R + Rs of each projection):
     h = drop(x) [A_g; A_u]^T             ONE cuBLAS shrink [T, Rt_g + Rt_u]: one read of x instead of two
     route_expand per projection          _router_fwd on x with that projection's router and h's column slice,
-                                         then y = x W^T + b + S B^T (the base GEMMs have different W: two)
+                                         then y = x W^T + b + S B^T (the base GEMMs have different W: two;
+                                         _triton_gemm.gemm_sum)
 Backward:
     route_bwd per projection             dS = dY B (cuBLAS), _gate_route_bwd writes into one buffer
                                          dhl = [dh_g | dh_u | dl_g | dl_u] (compute dtype) and dl = [dl_g | dl_u]
                                          [T, 2E] in fp32; dB = dY^T S
     dA = [dh_g | dh_u]^T drop(x)         ONE GEMM for both lora_a: one read of x instead of two
     _router_wgrad on [dl_g | dl_u]       ONE fp32 pass over x for both routers (2E rows)
-    dX = dY_g W_g (mm) + dY_u W_u (addmm) + dhl [A_g; A_u; Wr_g; Wr_u] (ONE in-place addmm): one dX, its
-                                         low-rank update once for all adapters and routers of both projections
-                                         (MEDCARE_TRITON_GEMM=fused: the two base terms as one two-segment GEMM)
+    dX = dY_g W_g + dY_u W_u + dhl [A_g; A_u; Wr_g; Wr_u]     ONE dX by gemm_sum: the low-rank term once for
+                                         all adapters and routers of both projections (default `epilogue`:
+                                         written first, then both base GEMMs add into it by cuBLAS, beta = 1;
+                                         `fused`: the two base terms as one two-segment GEMM)
 Saved for backward: x (the caller's tensor), h [T, Rt_g + Rt_u], probs [T, E] fp32 and indices [T, K] of each
 projection: the same O(T*(E*R+Rs)) as two molora_linear calls, x once. Dropout (reference.molora_gate_up): ONE
 draw of the adapters' input mask, shared by both projections, regenerated from the call's seed by the kernels
@@ -40,7 +42,7 @@ import torch
 from ..reference import router_dtype
 from . import _triton_dropout
 from ._common import grad_like
-from ._triton_gemm import gemm2, use_fused_gemm
+from ._triton_gemm import gemm_sum
 from .molora_triton import route_bwd, route_expand, router_wgrad
 
 
@@ -76,11 +78,11 @@ def gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g
     d_a = _triton_dropout.wgrad(dh, x, seed, dropout)                    # [Rt_g + Rt_u, Din]
     d_rw = router_wgrad(dl, x)                                           # [2E, Din]
     a_ext = torch.cat([a_g, a_u, rw_g.to(dt), rw_u.to(dt)])              # [Rt + 2E, Din], small
-    dx = gemm2(dy_g, w_g.t(), dy_u, w_u.t()) if use_fused_gemm(dev) else torch.mm(dy_g, w_g).addmm_(dy_u, w_u)
+    bases = [(dy_g, w_g.t()), (dy_u, w_u.t())]
     if seed is None:
-        dx.addmm_(dhl, a_ext)
+        dx = gemm_sum(bases, dhl, a_ext.t())
     else:  # dropout: the adapters' part of the input gradient goes through the mask, the routers' part does not
-        _triton_dropout.dx_add_(dx.addmm_(dhl[:, rt:], a_ext[rt:]), dh, a_ext[:rt], seed, dropout)
+        dx = _triton_dropout.input_grad(bases, dh, a_ext[:rt], seed, dropout, dhl[:, rt:], a_ext[rt:])
     return dx, d_rw, dl.sum(0), d_a, d_lb_g, d_lb_u
 
 

@@ -1,12 +1,14 @@
 """molora_linear, Triton backend: routed LoRA experts + shared LoRA around the frozen cuBLAS base GEMM.
 
 What is fused, and why (measured on an H100, bf16, T=8192, Qwen1.5-7B MLP shapes; benchmarks/bench_triton_gemm.py
-and profile_molora.py): the big and the skinny GEMMs go to cuBLAS, which runs the base GEMM at ~790 TFLOP/s
-where a Triton GEMM reached ~610 (so the "expand as an extra K slab" GEMM lost to cuBLAS + in-place addmm, and
-`_triton_gemm.DEFAULT_GEMM` is cublas). A first version that did the shrink GEMM and the router in one Triton
-kernel with FMA-based fp32 dots ran 5-30x slower than its cuBLAS parts. Triton does what cuBLAS cannot: the
-fp32 router on the exact (upcast) bf16 activations with the softmax -> top-K -> renormalise epilogue and the
-gating, in one pass over x, and the routing backward, element-wise over [T, E*R+Rs].
+and profile_molora.py): the big GEMMs go to cuBLAS, which runs the base GEMM at ~790 TFLOP/s where a Triton GEMM
+reached ~680 (so the "expand as an extra K slab" GEMM lost to cuBLAS, see _triton_gemm); the skinny expand
+rides on the base GEMM's output through _triton_gemm.gemm_sum (default `epilogue`: the Triton gemm2 writes
+S lora_b^T, then cuBLAS adds x W^T into it with beta = 1, since cuBLAS's own in-place K=160 addmm ran at 2.6x
+its traffic). A first version that did the shrink GEMM and the router in one Triton kernel with FMA-based fp32
+dots ran 5-30x slower than its cuBLAS parts. Triton does what cuBLAS cannot: the fp32 router on the exact
+(upcast) bf16 activations with the softmax -> top-K -> renormalise epilogue and the gating, in one pass over x,
+and the routing backward, element-wise over [T, E*R+Rs].
 
 Forward (T tokens, Rt = E*R + Rs):
     h = drop(x) lora_a^T                 cuBLAS [T, Rt] (with dropout: _triton_dropout.shrink, mask in-kernel)
@@ -14,7 +16,7 @@ Forward (T tokens, Rt = E*R + Rs):
                                          on the exactly-upcast bf16/fp16 x, IEEE fp32 for fp32 x), softmax, top-K
                                          (ties to the lower index), renormalise; and S = h * g with
                                          g = s * [gates repeated R | 1 for the shared block]   [T, Rt]
-    y = x W^T + b;  y += S lora_b^T      cuBLAS (or the two-segment Triton GEMM, MEDCARE_TRITON_GEMM=fused)
+    y = x W^T + b + S lora_b^T           _triton_gemm.gemm_sum (MEDCARE_TRITON_GEMM: epilogue | add | cublas | fused)
 No [T, E, Dout] tensor, no token permutation, no host synchronisation (CUDA-graph and torch.compile friendly:
 the op is a torch.library custom op with a fake implementation and a registered autograd).
 
@@ -28,8 +30,9 @@ Backward:
                                          (R-length dots, no cached expert outputs); softmax-top-K backward ->
                                          d_logits (fp32); S = h * g again for dB
     dB = dY^T S;  dA = dh^T drop(x)      cuBLAS (with dropout, dA: _triton_dropout.wgrad)
-    dX = dY W + [dh | dl] [lora_a; Wr]   cuBLAS mm + one in-place addmm (or the two-segment Triton GEMM); with
-                                         dropout the dh part goes through the mask: _triton_dropout.dx_add_
+    dX = dY W + [dh | dl] [lora_a; Wr]   gemm_sum, as the forward (K = Rt + E); with dropout the dh part goes
+                                         through the mask: _triton_dropout.input_grad (one Triton pass writes
+                                         drop'(dh A) + dl Wr, then cuBLAS adds dY W)
     _router_wgrad                        d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
                                          partials summed afterwards (deterministic, no atomics)
 Reference: medcare_kernels.reference.molora_linear.
@@ -44,7 +47,7 @@ import triton.language as tl
 from ..reference import router_dtype
 from . import _triton_dropout
 from ._common import grad_like
-from ._triton_gemm import INTERPRET, gemm2, token_splits, use_fused_gemm
+from ._triton_gemm import INTERPRET, gemm_sum, token_splits
 
 # ---------------------------------------------------------------------------------------------- tile configs
 BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
@@ -229,12 +232,7 @@ def route_expand(x, h, weight, bias, router_weight, router_bias, lora_b, top_k, 
             R=expert_rank, K=top_k, HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype),
             ACC=_acc(x.dtype), BLOCK_T=bt, BLOCK_D=BLOCK_D, E_PAD=_pad(e), R_PAD=_pad(expert_rank),
             RS_PAD=_pad(rt - er))
-    if use_fused_gemm(x.device):
-        y = gemm2(x, weight, s, lora_b, bias)
-    else:
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        y.addmm_(s, lora_b.t())
-    return y, probs, indices
+    return gemm_sum([(x, weight)], s, lora_b, bias), probs, indices
 
 
 def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, expert_rank, scaling, seed,
@@ -252,13 +250,9 @@ def molora_bwd(dy, x, h, probs, indices, weight, router_weight, lora_a, lora_b, 
     d_rw = router_wgrad(dl, x)                                              # the router sees x
     a_ext = torch.cat([lora_a, router_weight.to(dt)])                       # [Rt + E, Din], small
     if seed is None:
-        if use_fused_gemm(dev):
-            dx = gemm2(dy, weight.t(), dhl, a_ext.t())
-        else:
-            dx = torch.mm(dy, weight).addmm_(dhl, a_ext)
+        dx = gemm_sum([(dy, weight.t())], dhl, a_ext.t())
     else:  # dropout: the adapter part of the input gradient goes through the mask, the router part does not
-        dx = _triton_dropout.dx_add_(torch.mm(dy, weight).addmm_(dhl[:, rt:], a_ext[rt:]), dh, lora_a, seed,
-                                     dropout)
+        dx = _triton_dropout.input_grad([(dy, weight.t())], dh, lora_a, seed, dropout, dhl[:, rt:], a_ext[rt:])
     return dx, d_rw, dl.sum(0), d_a, d_lb
 
 

@@ -21,8 +21,9 @@ import medcare_kernels as mk
 from medcare_kernels import reference
 
 BACKENDS = backends_for("lora_linear")
-# The Triton backend's GEMM paths: `auto` is the fused Triton GEMM under the interpreter, cuBLAS on a GPU.
-BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", "cublas")] * ("triton" in BACKENDS)
+# The Triton backend's GEMM paths (_triton_gemm.gemm_sum): `auto` is `fused` under the interpreter.
+BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", g) for g in ("cublas", "add", "epilogue")
+                                                 if "triton" in BACKENDS]
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
 TRAINABLE = (0, 3, 4)
 

@@ -24,10 +24,12 @@ from kernel_testing import (
 
 import medcare_kernels as mk
 from medcare_kernels import reference
+from medcare_kernels.ops._triton_gemm import DEFAULT_GEMM, GEMM_PATHS
 
 BACKENDS = backends_for("molora_gate_up")
-# The Triton backend's GEMM paths: `auto` is the fused Triton GEMM under the interpreter, cuBLAS on a GPU.
-BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", "cublas")] * ("triton" in BACKENDS)
+# The Triton backend's GEMM paths (_triton_gemm.gemm_sum): `auto` is `fused` under the interpreter.
+BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", g) for g in ("cublas", "add", "epilogue")
+                                                 if "triton" in BACKENDS]
 NAMES, TRAINABLE, DIN_POSITIONS = GATE_UP_NAMES, GATE_UP_TRAINABLE, GATE_UP_DIN_POSITIONS
 OUTS = ("y_gate", "y_up")
 # (T, Din, Dout, E, K, R, Rs_gate, Rs_up): the odd shapes of DESIGN §5 (T=1, Din=77, Dout=130, E=1, K=E, Rs=0),
@@ -220,9 +222,10 @@ GPU_SHAPES = [(4096, 1024, 2752, 8, 2, 16, 32, 32), (1000, 77, 130, 8, 2, 16, 32
               (777, 2048, 5504, 8, 2, 16, 32, 32)]
 
 
-# The fused-GEMM path autotunes per shape (slow to compile): it gets the first two shapes, cuBLAS all of them.
-GPU_GRID = [(gemm, *shape) for shape in GPU_SHAPES for gemm in ("cublas", "fused")
-            if gemm == "cublas" or shape in GPU_SHAPES[:2]]
+# Every GEMM path (_triton_gemm.GEMM_PATHS) on the first two shapes, the default one on all (gemm2 autotunes per
+# shape, slow to compile).
+GPU_GRID = [(gemm, *shape) for shape in GPU_SHAPES for gemm in GEMM_PATHS
+            if gemm == DEFAULT_GEMM or shape in GPU_SHAPES[:2]]
 
 
 @pytest.mark.gpu

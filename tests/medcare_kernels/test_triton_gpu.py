@@ -22,6 +22,7 @@ from kernel_testing import (
 
 import medcare_kernels as mk
 from medcare_kernels import reference
+from medcare_kernels.ops._triton_gemm import DEFAULT_GEMM, GEMM_PATHS
 
 pytestmark = pytest.mark.gpu
 
@@ -29,9 +30,10 @@ TRAINABLE, DIN_POSITIONS, NAMES = MOLORA_TRAINABLE, MOLORA_DIN_POSITIONS, MOLORA
 # (T, Din, Dout, E, K, R, Rs): a Qwen-like slice at real token counts, plus odd sizes that miss every tile.
 GPU_MOLORA = [(4096, 1024, 2752, 8, 2, 16, 32), (1000, 77, 130, 8, 2, 16, 32), (37, 512, 300, 3, 3, 8, 0),
               (1, 256, 128, 1, 1, 16, 16), (777, 2752, 1024, 8, 2, 16, 32)]
-GEMM_PATHS = ["fused", "cublas"]
-# The fused-GEMM path autotunes per shape (slow to compile): it gets the first two shapes, cuBLAS all of them.
-GRID = [(gemm, *shape) for shape in GPU_MOLORA for gemm in GEMM_PATHS if gemm == "cublas" or shape in GPU_MOLORA[:2]]
+# Every GEMM path (_triton_gemm.GEMM_PATHS) on the first two shapes, the default one on all (gemm2 autotunes per
+# shape, slow to compile).
+GRID = [(gemm, *shape) for shape in GPU_MOLORA for gemm in GEMM_PATHS
+        if gemm == DEFAULT_GEMM or shape in GPU_MOLORA[:2]]
 
 
 def _kw(E, K, R):

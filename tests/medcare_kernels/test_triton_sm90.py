@@ -49,7 +49,8 @@ SCRIPT = textwrap.dedent('''
         return spill
 
     bad = 0
-    # Ranks per launch: at most td.R_CHUNK = 64 (wider adapters run in chunks); 16 is the attention LoRA's.
+    # shrink/wgrad ranks per launch: at most td.R_CHUNK = 64 (wider adapters run in chunks); 16 is the attention
+    # LoRA's. For dX, R_PAD is the rank step R_BLOCK.
     for dt in ("bf16", "fp16", "fp32"):
         for r_pad in (16, 32, 64):
             ty, torch_dt = "*" + dt, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
@@ -61,8 +62,13 @@ SCRIPT = textwrap.dedent('''
             bad += check(f"wgrad {tag}", td._wgrad_kernel, [("ds_ptr", ty), ("x_ptr", ty), ("out_ptr", "*fp32")],
                          {"s_xt": "i32", "s_dst": "i32", "s_split": "i32", "T_PER_SPLIT": "i32"},
                          dict(f, BLOCK_T=32 if dt == "fp32" else td.WGRAD_BLOCK_T, BLOCK_D=td._block_d(torch_dt)), 8)
-            bad += check(f"dx_add {tag}", td._dx_add_kernel, [("dx_ptr", ty), ("ds_ptr", ty), ("a_ptr", ty)],
-                         {"s_dxt": "i32", "s_dst": "i32"}, dict(f, BLOCK_T=td.BLOCK_T, BLOCK_D=td.DX_BLOCK_D), 4)
+            # The dX kernel loops over the rank in R_BLOCK steps (no chunks), with the unmasked router term.
+            fx = {k: v for k, v in f.items() if k != "R_PAD"}
+            bad += check(f"dx {tag}", td._dx_kernel, [("dx_ptr", ty), ("ds_ptr", ty), ("a_ptr", ty), ("dl_ptr", ty),
+                                                      ("wr_ptr", ty)],
+                         {"s_dxt": "i32", "s_dst": "i32", "s_dlt": "i32", "E": "i32", "ACC_C": "constexpr",
+                          "R_BLOCK": "constexpr", "E_PAD": "constexpr"},
+                         dict(fx, ACC_C=True, BLOCK_T=td.BLOCK_T, BLOCK_D=td.DX_BLOCK_D, R_BLOCK=r_pad, E_PAD=16), 4)
     sys.exit(1 if bad else 0)
 ''')
 
