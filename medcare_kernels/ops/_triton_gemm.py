@@ -51,6 +51,21 @@ def _configs():
     return cfgs
 
 
+SKINNY_K = 256  # K1 + K2 up to this: the low-rank term alone (K = Rt or Rt + E), an output-bandwidth-bound GEMM
+
+
+def _skinny_configs():
+    """Configs for K <= SKINNY_K, where the time is writing (and, accumulating, reading) C: a K loop of one to
+    four steps, so tiles with little shared memory, several CTAs per SM, one's stores under another's loads.
+    Not yet timed on a GPU (bench_triton_gemm.py's expand_gemm2_ms); the big-GEMM configs are among them."""
+    if INTERPRET:
+        return _configs()
+    cfgs = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 64, 4, 2), (128, 256, 32, 8, 3), (64, 256, 64, 4, 2),
+                                     (128, 64, 64, 4, 3)]]
+    return cfgs + _configs()
+
+
 @triton.jit
 def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation. IEEE: exact fp32 products (fp32 operands; never TF32). UPCAST: bf16
@@ -73,9 +88,8 @@ def dot_flags(dtype: torch.dtype) -> dict:
             "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K1", "K2", "IEEE", "UPCAST", "ACC"])
 @triton.jit
-def _gemm2_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
+def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
                   s_a1m, s_a1k, s_b1n, s_b1k, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                   ACC_C: tl.constexpr,
@@ -115,6 +129,26 @@ def _gemm2_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
     if ACC_C:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(ACC)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# restore_value: the autotuner times each config by running it, and an accumulating call (ACC_C, the `add` path)
+# must find C as it was, not with the low-rank term added once per trial.
+# Accumulating (ACC_C) loads the C tile beside the fp32 accumulator: configs whose accumulator takes over 64
+# registers a thread spill on sm_90 then (tests/medcare_kernels/test_triton_sm90.py), so those calls skip them.
+_KEY = ["M", "N", "K1", "K2", "IEEE", "UPCAST", "ACC", "HAS_BIAS", "ACC_C"]
+
+
+def _prune(configs, named_args, **kwargs):
+    if not (kwargs.get("ACC_C") or named_args.get("ACC_C")):
+        return configs
+    return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 32 * c.num_warps] or configs
+
+
+_PRUNE = {"early_config_prune": _prune}
+_gemm2_kernel = triton.autotune(configs=_configs(), key=_KEY, restore_value=["c_ptr"],
+                                prune_configs_by=_PRUNE)(_gemm2_body)
+_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=_KEY, restore_value=["c_ptr"],
+                                 prune_configs_by=_PRUNE)(_gemm2_body)
 
 
 def token_splits(t: int, n_blocks: int, block_t: int, device: torch.device) -> tuple[int, int]:
@@ -194,8 +228,9 @@ def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
-    _gemm2_kernel[grid](a1, b1, a2, b2, bias if bias is not None else a1, out, m, n, k1, k2,
-                        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
-                        b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
-                        HAS_BIAS=bias is not None, ACC_C=accumulate, **dot_flags(a1.dtype))
+    kernel = _skinny_kernel if k1 + k2 <= SKINNY_K else _gemm2_kernel
+    kernel[grid](a1, b1, a2, b2, bias if bias is not None else a1, out, m, n, k1, k2,
+                 a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
+                 b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
+                 HAS_BIAS=bias is not None, ACC_C=accumulate, **dot_flags(a1.dtype))
     return out

@@ -31,11 +31,17 @@ SCRIPT = textwrap.dedent('''
     common = {"p": "fp32", "scale": "fp32", "T": "i32", "DIN": "i32", "R": "i32", "seed_ptr": "*i64"}
     consts = ("IEEE", "UPCAST", "ACC", "BLOCK_T", "BLOCK_D", "R_PAD")
 
-    def check(name, fn, ptrs, extra, c, warps):
+    # What the JIT specialises at the real shapes: 16-divisible pointers, dims and row strides (tt.divisibility),
+    # unit strides as constexpr 1; without them loads are not vectorised and the code is not the GPU's.
+    DIV16 = {"T", "DIN", "s_xt", "s_dxt", "M", "N", "K1", "K2", "s_a1m", "s_b1n", "s_a2m", "s_b2n", "s_cm"}
+
+    def check(name, fn, ptrs, extra, c, warps, stages=3):
         sig = {**{k: v for k, v in ptrs}, **common, **extra, **{k: "constexpr" for k in consts}}
         sig = {k: sig[k] for k in fn.arg_names}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps})
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+                 if v.startswith("*") or k in DIV16}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(k.asm["ptx"])
             f.flush()
@@ -69,16 +75,30 @@ SCRIPT = textwrap.dedent('''
                          {"s_dxt": "i32", "s_dst": "i32", "s_dlt": "i32", "E": "i32", "ACC_C": "constexpr",
                           "R_BLOCK": "constexpr", "E_PAD": "constexpr"},
                          dict(fx, ACC_C=True, BLOCK_T=td.BLOCK_T, BLOCK_D=td.DX_BLOCK_D, R_BLOCK=r_pad, E_PAD=16), 4)
+    # gemm2 with every autotune config (big-GEMM and skinny-K ones), bf16, with a bias.
+    from medcare_kernels.ops import _triton_gemm as tg
+    unit = ("s_a1k", "s_b1k", "s_a2k", "s_b2k", "s_cn")      # the forward's row-major operands
+    g_sig = {**{k: "*bf16" for k in ("a1_ptr", "b1_ptr", "a2_ptr", "b2_ptr", "bias_ptr", "c_ptr")},
+             **{k: "i32" for k in tg._gemm2_body.arg_names if k[:2] == "s_" or k in ("M", "N", "K1", "K2")},
+             **{k: "constexpr" for k in unit}}
+    configs = {(str(c.kwargs), c.num_warps, c.num_stages): c for c in tg._skinny_configs()}.values()
+    for acc_c in (False, True):  # accumulating: the configs the autotuner keeps for it (tg._prune)
+        for cfg in (tg._prune(list(configs), {}, ACC_C=True) if acc_c else configs):
+            c = dict(cfg.kwargs, HAS_BIAS=True, IEEE=False, UPCAST=False, ACC=tl.float32, ACC_C=acc_c,
+                     **{k: 1 for k in unit})
+            sig = {**g_sig, **{k: "constexpr" for k in c}}
+            bad += check(f"gemm2 ACC_C={acc_c} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", tg._gemm2_body,
+                         list(sig.items()), {}, c, cfg.num_warps, cfg.num_stages)
     sys.exit(1 if bad else 0)
 ''')
 
 
 @pytest.mark.skipif(not PTXAS, reason="this Triton wheel bundles no ptxas")
-def test_dropout_kernels_compile_for_sm90_without_spills():
+def test_dropout_kernels_and_gemm2_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", SCRIPT, PTXAS[0]], env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, f"sm_90a build failed or spilled:\n{res.stdout}\n{res.stderr[-3000:]}"
-    assert res.stdout.count("registers") == 27, res.stdout
+    assert res.stdout.count("registers") == 27 + 8 + 3, res.stdout
