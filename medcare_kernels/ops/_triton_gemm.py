@@ -89,7 +89,7 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
+def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2, M_BUCKET,
                   s_a1m, s_a1k, s_b1n, s_b1k, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                   ACC_C: tl.constexpr,
@@ -135,7 +135,10 @@ def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2,
 # must find C as it was, not with the low-rank term added once per trial.
 # Accumulating (ACC_C) loads the C tile beside the fp32 accumulator: configs whose accumulator takes over 64
 # registers a thread spill on sm_90 then (tests/medcare_kernels/test_triton_sm90.py), so those calls skip them.
-_KEY = ["M", "N", "K1", "K2", "IEEE", "UPCAST", "ACC", "HAS_BIAS", "ACC_C"]
+# The token count M enters the key as M_BUCKET (the next power of two; the kernel does not read it): a training
+# run sees a new T at almost every step, and autotuning each (compiles are cached, the timing trials are not)
+# would cost tens of ms a step. N and K are the model's widths, fixed for a run.
+_KEY = ["M_BUCKET", "N", "K1", "K2", "IEEE", "UPCAST", "ACC", "HAS_BIAS", "ACC_C"]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -229,7 +232,7 @@ def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
     kernel = _skinny_kernel if k1 + k2 <= SKINNY_K else _gemm2_kernel
-    kernel[grid](a1, b1, a2, b2, bias if bias is not None else a1, out, m, n, k1, k2,
+    kernel[grid](a1, b1, a2, b2, bias if bias is not None else a1, out, m, n, k1, k2, triton.next_power_of_2(m),
                  a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
                  b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
                  HAS_BIAS=bias is not None, ACC_C=accumulate, **dot_flags(a1.dtype))

@@ -121,6 +121,24 @@ def test_molora_triton_is_deterministic(monkeypatch, gemm):
         assert torch.equal(g1[i], g2[i]), f"d {NAMES[i]} differs between two identical runs"
 
 
+def test_gemm2_autotunes_once_per_token_bucket_not_per_token_count():
+    """A training run sees a new T at almost every step: gemm2's autotuner keys on T's power-of-two bucket."""
+    from medcare_kernels.ops import _triton_gemm
+
+    w, b = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16), torch.randn(384, 48, device="cuda",
+                                                                                   dtype=torch.bfloat16)
+    kernel = _triton_gemm._skinny_kernel
+    for t in (1000, 1001, 1017, 1024):
+        x, s = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16), torch.randn(t, 48, device="cuda",
+                                                                                   dtype=torch.bfloat16)
+        y = _triton_gemm.gemm_sum([(x, w)], s, b, path="epilogue")
+        torch.testing.assert_close(y.float(), x.float() @ w.float().t() + s.float() @ b.float().t(), rtol=2e-2,
+                                   atol=2e-1)
+        if t == 1000:
+            tuned = len(kernel.cache)
+    assert len(kernel.cache) == tuned, "each token count was autotuned anew"
+
+
 def test_molora_triton_compiles_fullgraph():
     base = molora_inputs(512, 256, 384, 8, 16, 32, dtype=torch.bfloat16, device="cuda")
     kw = _kw(8, 2, 16)

@@ -79,7 +79,8 @@ SCRIPT = textwrap.dedent('''
     from medcare_kernels.ops import _triton_gemm as tg
     unit = ("s_a1k", "s_b1k", "s_a2k", "s_b2k", "s_cn")      # the forward's row-major operands
     g_sig = {**{k: "*bf16" for k in ("a1_ptr", "b1_ptr", "a2_ptr", "b2_ptr", "bias_ptr", "c_ptr")},
-             **{k: "i32" for k in tg._gemm2_body.arg_names if k[:2] == "s_" or k in ("M", "N", "K1", "K2")},
+             **{k: "i32" for k in tg._gemm2_body.arg_names
+                if k[:2] == "s_" or k in ("M", "N", "K1", "K2", "M_BUCKET")},
              **{k: "constexpr" for k in unit}}
     configs = {(str(c.kwargs), c.num_warps, c.num_stages): c for c in tg._skinny_configs()}.values()
     for acc_c in (False, True):  # accumulating: the configs the autotuner keeps for it (tg._prune)
