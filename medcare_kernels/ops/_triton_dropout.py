@@ -235,7 +235,8 @@ def lowrank_dx(ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, 
                wr: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """drop'(ds a) + dl wr [T, Din], written into a new tensor, or added in place to `out` [T, Din] (unit stride
     along Din), in one pass over the output for any rank. ds [T, R] (unit stride along R); a [R, Din]
-    contiguous; dl [T, E] / wr [E, Din] contiguous: an unmasked term (MoLoRA's router part), or None."""
+    contiguous; dl [T, E] (unit stride along E) / wr [E, Din] contiguous: an unmasked term (MoLoRA's
+    router part), or None."""
     t, din = ds.shape[0], a.shape[1]
     acc_c = out is not None
     if out is None:

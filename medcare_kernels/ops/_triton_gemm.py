@@ -8,19 +8,23 @@ backend does not use TF32 either).
 expand S lora_b^T with K = Rt; the input gradient's [dh | dl] [lora_a; Wr] with K = Rt + E), by one of four
 paths (MEDCARE_TRITON_GEMM, or `auto` = DEFAULT_GEMM on a GPU):
 
-    cublas    base by cuBLAS, then the low-rank term by a cuBLAS in-place addmm (read + write of C again)
-    add       base by cuBLAS, then the low-rank term by gemm2 accumulating into C (read + write of C again)
-    epilogue  the low-rank term by gemm2 writes C (+ bias) first, then the base GEMMs by cuBLAS with beta = 1:
-              C is read in cuBLAS's epilogue, under its compute-bound main loop (one write of C more, no read)
+    cublas    base by cuBLAS (writes C), then the low-rank term by a cuBLAS in-place addmm: a separate pass
+              that reads and writes C again
+    add       the same with gemm2 accumulating into C for the second pass
+    epilogue  the low-rank term (+ bias) written into C first by gemm2, then the base GEMMs by cuBLAS with
+              beta = 1, reading C in their epilogue
     fused     one gemm2 with the low-rank term as the 2nd K segment (C written once; needs gemm2 at cuBLAS speed)
+
+All but `fused` move the same bytes on C (write, read, write). What differs is where the read and the second
+write happen: in `cublas` / `add` in a pass of their own, bound by memory after the GEMM is done; in
+`epilogue` inside the compute-bound base GEMM, where the memory system has room to spare, so the read can
+hide under its main loop. The separate pass of `epilogue` only writes C (K = Rt is one or a few tiles).
 
 Why these: on an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192; benchmarks/bench_triton_gemm.py) cuBLAS
 runs the base GEMM at 788 TFLOP/s where gemm2 reached 679, so `fused` lost; and cuBLAS's in-place K=160
 addmm on the [8192, 11008] output cost 0.29 ms, 2.6x what its 360 MB of traffic take at 3.35 TB/s: that
 addmm (forward at gate/up, input gradient at down) was most of the MoLoRA projection's excess over its base.
-`epilogue` moves 180 MB instead of 360 MB on that output with a kernel whose one K tile streams at bandwidth;
-`add` keeps the traffic and only swaps cuBLAS's skinny kernel for gemm2. The DEFAULT_GEMM note says which
-was measured.
+`add` swaps cuBLAS's skinny kernel for gemm2; `epilogue` also moves the read of C into the base GEMM.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 GEMM_PATHS = ("cublas", "add", "epilogue", "fused")
-# The path `auto` takes on a GPU. "epilogue" by the traffic argument of the module doc: it moves no more bytes
-# than "cublas" or "add" on any shape (at worst cuBLAS's epilogue read of C is not hidden, and it moves the
-# same), and "cublas"'s skinny addmm was measured at 2.6x its traffic. bench_triton_gemm.py times all four at
-# the exact shapes on the next H100 session; follow its table here.
+# The path `auto` takes on a GPU. "epilogue", NOT YET MEASURED, by the argument of the module doc: the same
+# bytes as "cublas" / "add", with the read of C moved into the compute-bound base GEMM, and none of "cublas"'s
+# skinny addmm (measured at 2.6x its traffic). If cuBLAS's beta = 1 kernels turn out slower than its beta = 0
+# ones by more than the separate pass costs, "add" wins: bench_triton_gemm.py times all four at the exact
+# shapes (fwd_*_ms, dx_*_ms, and mm_beta1_ms against mm_ms); set this from its table.
 DEFAULT_GEMM = "epilogue"
 
 
@@ -51,7 +56,9 @@ def _configs():
     return cfgs
 
 
-SKINNY_K = 256  # K1 + K2 up to this: the low-rank term alone (K = Rt or Rt + E), an output-bandwidth-bound GEMM
+# K1 + K2 up to this: the low-rank term alone (K = Rt, Rt + E; molora_gate_up's Rt_g + Rt_u + 2E = 336), a GEMM
+# bound by writing its output.
+SKINNY_K = 512
 
 
 def _skinny_configs():
@@ -131,27 +138,27 @@ def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2, M
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# restore_value: the autotuner times each config by running it, and an accumulating call (ACC_C, the `add` path)
-# must find C as it was, not with the low-rank term added once per trial.
-# Accumulating (ACC_C) loads the C tile beside the fp32 accumulator: configs whose accumulator takes over 64
+# Four autotuners over one kernel: (big-GEMM | skinny-K configs) x (writing C | accumulating into C).
+# Accumulating calls (ACC_C, the `add` path) restore C after each timing trial (restore_value), or the trials
+# would add the term once each; writing calls must not pay for that clone and copy inside their timed trials.
+# Accumulating also loads the C tile beside the fp32 accumulator: configs whose accumulator takes over 64
 # registers a thread spill on sm_90 then (tests/medcare_kernels/test_triton_sm90.py), so those calls skip them.
 # The token count M enters the key as M_BUCKET (the next power of two; the kernel does not read it): a training
 # run sees a new T at almost every step, and autotuning each (compiles are cached, the timing trials are not)
-# would cost tens of ms a step. N and K are the model's widths, fixed for a run.
-_KEY = ["M_BUCKET", "N", "K1", "K2", "IEEE", "UPCAST", "ACC", "HAS_BIAS", "ACC_C"]
+# would cost tens of ms a step. N and K are the model's widths, fixed for a run; s_b1k / s_b2k tell a forward's
+# row-major B (1) from an input gradient's W^T view, which tile differently at equal N and K.
+_KEY = ["M_BUCKET", "N", "K1", "K2", "s_b1k", "s_b2k", "IEEE", "UPCAST", "ACC", "HAS_BIAS"]
 
 
-def _prune(configs, named_args, **kwargs):
-    if not (kwargs.get("ACC_C") or named_args.get("ACC_C")):
-        return configs
+def _acc_configs(configs):
     return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 32 * c.num_warps] or configs
 
 
-_PRUNE = {"early_config_prune": _prune}
-_gemm2_kernel = triton.autotune(configs=_configs(), key=_KEY, restore_value=["c_ptr"],
-                                prune_configs_by=_PRUNE)(_gemm2_body)
-_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=_KEY, restore_value=["c_ptr"],
-                                 prune_configs_by=_PRUNE)(_gemm2_body)
+_gemm2_kernel = triton.autotune(configs=_configs(), key=_KEY)(_gemm2_body)
+_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=_KEY)(_gemm2_body)
+_gemm2_acc_kernel = triton.autotune(configs=_acc_configs(_configs()), key=_KEY, restore_value=["c_ptr"])(_gemm2_body)
+_skinny_acc_kernel = triton.autotune(configs=_acc_configs(_skinny_configs()), key=_KEY,
+                                     restore_value=["c_ptr"])(_gemm2_body)
 
 
 def token_splits(t: int, n_blocks: int, block_t: int, device: torch.device) -> tuple[int, int]:
@@ -231,7 +238,10 @@ def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
-    kernel = _skinny_kernel if k1 + k2 <= SKINNY_K else _gemm2_kernel
+    if k1 + k2 <= SKINNY_K:
+        kernel = _skinny_acc_kernel if accumulate else _skinny_kernel
+    else:
+        kernel = _gemm2_acc_kernel if accumulate else _gemm2_kernel
     kernel[grid](a1, b1, a2, b2, bias if bias is not None else a1, out, m, n, k1, k2, triton.next_power_of_2(m),
                  a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
                  b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),

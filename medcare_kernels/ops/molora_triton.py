@@ -4,11 +4,11 @@ What is fused, and why (measured on an H100, bf16, T=8192, Qwen1.5-7B MLP shapes
 and profile_molora.py): the big GEMMs go to cuBLAS, which runs the base GEMM at ~790 TFLOP/s where a Triton GEMM
 reached ~680 (so the "expand as an extra K slab" GEMM lost to cuBLAS, see _triton_gemm); the skinny expand
 rides on the base GEMM's output through _triton_gemm.gemm_sum (default `epilogue`: the Triton gemm2 writes
-S lora_b^T, then cuBLAS adds x W^T into it with beta = 1, since cuBLAS's own in-place K=160 addmm ran at 2.6x
-its traffic). A first version that did the shrink GEMM and the router in one Triton kernel with FMA-based fp32
-dots ran 5-30x slower than its cuBLAS parts. Triton does what cuBLAS cannot: the fp32 router on the exact
-(upcast) bf16 activations with the softmax -> top-K -> renormalise epilogue and the gating, in one pass over x,
-and the routing backward, element-wise over [T, E*R+Rs].
+S lora_b^T, then cuBLAS adds x W^T into it with beta = 1, reading it in its epilogue; cuBLAS's own in-place
+K=160 addmm ran at 2.6x its traffic; not yet timed on a GPU). A first version that did the shrink GEMM and the
+router in one Triton kernel with FMA-based fp32 dots ran 5-30x slower than its cuBLAS parts. Triton does what
+cuBLAS cannot: the fp32 router on the exact (upcast) bf16 activations with the softmax -> top-K -> renormalise
+epilogue and the gating, in one pass over x, and the routing backward, element-wise over [T, E*R+Rs].
 
 Forward (T tokens, Rt = E*R + Rs):
     h = drop(x) lora_a^T                 cuBLAS [T, Rt] (with dropout: _triton_dropout.shrink, mask in-kernel)

@@ -239,8 +239,10 @@ def test_triton_gate_up_gpu_matches_reference(monkeypatch, gemm, T, d_in, d_out,
 
 
 @pytest.mark.gpu
-def test_triton_gate_up_gpu_dropout_and_determinism():
+@pytest.mark.parametrize("gemm", GEMM_PATHS)          # the dX kernel writes (epilogue) or accumulates (others)
+def test_triton_gate_up_gpu_dropout_and_determinism(monkeypatch, gemm):
     """With dropout (the reference given the kernels' mask) within the tolerance rule, and bitwise repeatable."""
+    monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = gate_up_inputs(2048, 1024, 2752, 8, 16, 32, 32, dtype=torch.float64, device="cuda")
     kw = _kw(8, 2, 16, dropout=0.1)
     bf16 = dict(dtype=torch.bfloat16, trainable=TRAINABLE)

@@ -57,8 +57,10 @@ def test_gemm_path_reads_the_environment_and_names_a_bad_value(monkeypatch):
 def test_lowrank_dx_is_the_masked_low_rank_term(r, with_router, into):
     t, din, e, p = 23, 70, 3, 0.3
     seed = torch.tensor([7], dtype=torch.int64)
-    ds, a = _rand(t, r, seed=1), _rand(r, din, seed=2)
-    dl, wr = (_rand(t, e, seed=3), _rand(e, din, seed=4)) if with_router else (None, None)
+    # ds and dl as the ops pass them: column slices of one [T, R + E] buffer ([dh | d_logits], row stride R + E)
+    dhl = _rand(t, r + e, seed=1)
+    ds, a = dhl[:, :r], _rand(r, din, seed=2)
+    dl, wr = (dhl[:, r:], _rand(e, din, seed=4)) if with_router else (None, None)
     keep = _triton_dropout.keep_mask(seed, t, din, p, torch.device("cpu"))
     want = torch.where(keep, ds @ a / (1 - p), 0.0) + (dl @ wr if with_router else 0)
     out = _rand(t, din, seed=5) if into else None

@@ -79,10 +79,12 @@ def test_lora_triton_gpu_matches_reference(monkeypatch, gemm, T, d_in, d_out, R,
                              names=("x", "weight", "bias", "lora_a", "lora_b"))
 
 
+@pytest.mark.parametrize("gemm", GEMM_PATHS)          # the dX kernel writes (epilogue) or accumulates (others)
 @pytest.mark.parametrize("dropout", [0.05, 0.5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_lora_triton_gpu_dropout_matches_reference_under_its_mask(dropout, dtype):
-    """The Philox-dropout kernels (shrink, wgrad, dx_add) at a real size against the reference given their mask."""
+def test_lora_triton_gpu_dropout_matches_reference_under_its_mask(monkeypatch, gemm, dropout, dtype):
+    """The Philox-dropout kernels (shrink, wgrad, dX) at a real size against the reference given their mask."""
+    monkeypatch.setenv("MEDCARE_TRITON_GEMM", gemm)
     base = lora_inputs(4096, 1024, 2752, 64, dtype=torch.float64, device="cuda")
     kw = dict(scaling=2.0, dropout=dropout)
 

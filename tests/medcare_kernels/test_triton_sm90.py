@@ -83,8 +83,8 @@ SCRIPT = textwrap.dedent('''
                 if k[:2] == "s_" or k in ("M", "N", "K1", "K2", "M_BUCKET")},
              **{k: "constexpr" for k in unit}}
     configs = {(str(c.kwargs), c.num_warps, c.num_stages): c for c in tg._skinny_configs()}.values()
-    for acc_c in (False, True):  # accumulating: the configs the autotuner keeps for it (tg._prune)
-        for cfg in (tg._prune(list(configs), {}, ACC_C=True) if acc_c else configs):
+    for acc_c in (False, True):  # accumulating: the configs its autotuners have (tg._acc_configs)
+        for cfg in (tg._acc_configs(list(configs)) if acc_c else configs):
             c = dict(cfg.kwargs, HAS_BIAS=True, IEEE=False, UPCAST=False, ACC=tl.float32, ACC_C=acc_c,
                      **{k: 1 for k in unit})
             sig = {**g_sig, **{k: "constexpr" for k in c}}
