@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_gemm import INTERPRET, dot_flags, gemm_path, gemm_sum, mma, token_splits
+from ._triton_gemm import INTERPRET, add_bases_, dot_flags, gemm_path, gemm_sum, mma, token_splits
 
 # Token rows and Din columns per program: small under the interpreter (it runs every program in Python).
 BLOCK_T = 16 if INTERPRET else 32
@@ -272,9 +272,6 @@ def input_grad(bases: list[tuple[torch.Tensor, torch.Tensor]], ds: torch.Tensor,
     the others: the base terms (and dl wr) by gemm_sum, then the masked term added in place."""
     path = gemm_path(bases[0][0].device)
     if path == "epilogue":
-        out = lowrank_dx(ds, a, seed, p, dl, wr)
-        for dy, w_t in bases:
-            out.addmm_(dy, w_t.t())
-        return out
+        return add_bases_(lowrank_dx(ds, a, seed, p, dl, wr), bases)
     out = gemm_sum(bases, dl, None if wr is None else wr.t(), path=path)
     return lowrank_dx(ds, a, seed, p, out=out)

@@ -96,6 +96,20 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
+def _k_segment(acc, a_ptr, b_ptr, K, s_am, s_ak, s_bn, s_bk, rm64, rn, rk, m_ok, n_ok, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr, BK: tl.constexpr):
+    """acc + A[rm, :K] B[rn, :K]^T over one K segment of gemm2, BK columns a step."""
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm64[:, None] * s_am + kk[None, :] * s_ak, mask=m_ok[:, None] & (kk[None, :] < K),
+                    other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=(kk[:, None] < K) & n_ok[None, :],
+                    other=0.0)
+        acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
 def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2, M_BUCKET,
                   s_a1m, s_a1k, s_b1n, s_b1k, s_a2m, s_a2k, s_b2n, s_b2k, s_cm, s_cn,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
@@ -115,20 +129,8 @@ def _gemm2_body(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, M, N, K1, K2, M
     rk = tl.arange(0, BK)
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros((BM, BN), dtype=ACC)
-    for k0 in range(0, K1, BK):
-        kk = k0 + rk
-        a = tl.load(a1_ptr + rm64[:, None] * s_a1m + kk[None, :] * s_a1k, mask=m_ok[:, None] & (kk[None, :] < K1),
-                    other=0.0)
-        b = tl.load(b1_ptr + kk[:, None] * s_b1k + rn[None, :] * s_b1n, mask=(kk[:, None] < K1) & n_ok[None, :],
-                    other=0.0)
-        acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
-    for k0 in range(0, K2, BK):
-        kk = k0 + rk
-        a = tl.load(a2_ptr + rm64[:, None] * s_a2m + kk[None, :] * s_a2k, mask=m_ok[:, None] & (kk[None, :] < K2),
-                    other=0.0)
-        b = tl.load(b2_ptr + kk[:, None] * s_b2k + rn[None, :] * s_b2n, mask=(kk[:, None] < K2) & n_ok[None, :],
-                    other=0.0)
-        acc = mma(a, b.to(a.dtype), acc, IEEE, UPCAST)
+    acc = _k_segment(acc, a1_ptr, b1_ptr, K1, s_a1m, s_a1k, s_b1n, s_b1k, rm64, rn, rk, m_ok, n_ok, IEEE, UPCAST, BK)
+    acc = _k_segment(acc, a2_ptr, b2_ptr, K2, s_a2m, s_a2k, s_b2n, s_b2k, rm64, rn, rk, m_ok, n_ok, IEEE, UPCAST, BK)
     c_ptrs = c_ptr + rm64[:, None] * s_cm + rn[None, :] * s_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -182,6 +184,13 @@ def gemm_path(device: torch.device) -> str:
     return choice
 
 
+def add_bases_(out: torch.Tensor, bases: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """out += sum_i a_i w_i^T by cuBLAS with beta = 1 (out read in its epilogue); bases as gemm_sum's."""
+    for a, w in bases:
+        out.addmm_(a, w.t())
+    return out
+
+
 def gemm_sum(bases: list[tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor | None, b: torch.Tensor | None,
              bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
     """sum_i a_i w_i^T + s b^T (+ bias) [M, N] by the path of `gemm_path` (module doc).
@@ -190,31 +199,22 @@ def gemm_sum(bases: list[tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor | N
     s [M, K2] / b [N, K2]: the skinny low-rank term (None for none); bias [N] | None. Allocated in a's dtype.
     """
     path = path or gemm_path(bases[0][0].device)
-    (a0, w0), rest = bases[0], bases[1:]
-    if s is None or path == "cublas" or (path == "fused" and rest):
-        if path == "fused" and rest:            # the first two base terms as one two-segment GEMM
-            out = gemm2(a0, w0, rest[0][0], rest[0][1], bias)
-            rest = rest[1:]
-        else:
-            out = torch.addmm(bias, a0, w0.t()) if bias is not None else torch.mm(a0, w0.t())
-        for a, w in rest:
-            out.addmm_(a, w.t())
-        if s is not None:
-            out.addmm_(s, b.t())
-        return out
-    if path == "fused":
-        return gemm2(a0, w0, s, b, bias)
-    if path == "add":
-        out = torch.addmm(bias, a0, w0.t()) if bias is not None else torch.mm(a0, w0.t())
-        for a, w in rest:
-            out.addmm_(a, w.t())
-        return gemm2(s, b, None, None, out=out, accumulate=True)
-    if path != "epilogue":
+    if path not in GEMM_PATHS:
         raise ValueError(f"unknown GEMM path {path!r}; expected one of {GEMM_PATHS}")
-    out = gemm2(s, b, None, None, bias)          # the low-rank term (+ bias) written once
-    for a, w in bases:                           # cuBLAS with beta = 1 reads it in the epilogue
-        out.addmm_(a, w.t())
-    return out
+    (a0, w0), rest = bases[0], bases[1:]
+    if path == "epilogue" and s is not None:      # the low-rank term (+ bias) written once, then the bases
+        return add_bases_(gemm2(s, b, None, None, bias), bases)
+    if path == "fused" and not rest and s is not None:
+        return gemm2(a0, w0, s, b, bias)
+    if path == "fused" and rest:                  # the first two base terms as one two-segment GEMM
+        out = add_bases_(gemm2(a0, w0, *rest[0], bias), rest[1:])
+    else:
+        out = add_bases_(torch.addmm(bias, a0, w0.t()) if bias is not None else torch.mm(a0, w0.t()), rest)
+    if s is None:
+        return out
+    if path == "add":
+        return gemm2(s, b, None, None, out=out, accumulate=True)
+    return out.addmm_(s, b.t())
 
 
 def gemm2(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None, b2: torch.Tensor | None,
