@@ -148,6 +148,16 @@ def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_position
     return grads
 
 
+def assert_compiled_matches_eager(loss, base, trainable, *, rtol, atol):
+    """loss(*inputs) eager and under torch.compile(fullgraph=True) on the Triton backend: the same gradients."""
+    eager_in, comp_in = leaves(base, trainable=trainable), leaves(base, trainable=trainable)
+    with mk.use_backend("triton"):
+        loss(*eager_in).backward()
+        torch.compile(loss, fullgraph=True)(*comp_in).backward()
+    for i in trainable:
+        torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=rtol, atol=atol)
+
+
 def call_backend(backend: str, fn, *args, **kwargs):
     with mk.use_backend(backend):
         return fn(*args, **kwargs)

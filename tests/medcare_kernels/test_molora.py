@@ -9,6 +9,7 @@ from kernel_testing import (
     MOLORA_NAMES,
     MOLORA_SHAPES,
     MOLORA_TRAINABLE,
+    assert_compiled_matches_eager,
     assert_matches_reference,
     assert_within_rule,
     backends_for,
@@ -138,12 +139,7 @@ def test_triton_molora_compiles_fullgraph_and_matches_eager():
     def loss(*t):
         return mk.molora_linear(*t, **kw).square().mean()
 
-    eager_in, comp_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
-    with mk.use_backend("triton"):
-        loss(*eager_in).backward()
-        torch.compile(loss, fullgraph=True)(*comp_in).backward()
-    for i in TRAINABLE:
-        torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(loss, base, TRAINABLE, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

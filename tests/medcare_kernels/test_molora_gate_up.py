@@ -9,6 +9,7 @@ from kernel_testing import (
     GATE_UP_DIN_POSITIONS,
     GATE_UP_NAMES,
     GATE_UP_TRAINABLE,
+    assert_compiled_matches_eager,
     assert_matches_reference,
     assert_within_rule,
     backends_for,
@@ -195,12 +196,7 @@ def test_triton_gate_up_compiles_fullgraph_and_matches_eager():
         y_g, y_u = mk.molora_gate_up(t[0], t[1:7], t[7:13], **kw)
         return (torch.nn.functional.silu(y_g) * y_u).square().mean()
 
-    eager_in, comp_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
-    with mk.use_backend("triton"):
-        loss(*eager_in).backward()
-        torch.compile(loss, fullgraph=True)(*comp_in).backward()
-    for i in TRAINABLE:
-        torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(loss, base, TRAINABLE, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not built here")
@@ -268,9 +264,4 @@ def test_triton_gate_up_gpu_compiles_fullgraph():
         y_g, y_u = mk.molora_gate_up(t[0], t[1:7], t[7:13], **kw)
         return y_g.float().square().mean() + y_u.float().square().mean()
 
-    with mk.use_backend("triton"):
-        eager_in, comp_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
-        step(*eager_in).backward()
-        torch.compile(step, fullgraph=True)(*comp_in).backward()
-    for i in TRAINABLE:
-        torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=0, atol=0)
+    assert_compiled_matches_eager(step, base, TRAINABLE, rtol=0, atol=0)

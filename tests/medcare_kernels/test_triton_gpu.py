@@ -11,6 +11,7 @@ from kernel_testing import (
     MOLORA_DIN_POSITIONS,
     MOLORA_NAMES,
     MOLORA_TRAINABLE,
+    assert_compiled_matches_eager,
     assert_matches_reference,
     assert_within_rule,
     leaves,
@@ -148,13 +149,7 @@ def test_molora_triton_compiles_fullgraph():
     def step(*t):
         return mk.molora_linear(*t, **kw).float().square().mean()
 
-    with mk.use_backend("triton"):
-        eager_in, comp_in = leaves(base, trainable=TRAINABLE), leaves(base, trainable=TRAINABLE)
-        step(*eager_in).backward()
-        compiled = torch.compile(step, fullgraph=True)
-        compiled(*comp_in).backward()
-    for i in TRAINABLE:
-        torch.testing.assert_close(comp_in[i].grad, eager_in[i].grad, rtol=0, atol=0)
+    assert_compiled_matches_eager(step, base, TRAINABLE, rtol=0, atol=0)
 
 
 def test_routing_is_fp32_under_bf16_overflow_risk():
