@@ -1,5 +1,6 @@
-"""Stage directories, the stage-1 -> stage-2 transition, export, and import of the original implementation's
-stage-1 artifacts. Nothing here unpickles: tensors are safetensors, metadata is JSON, and the original
+"""Stage directories: their adapter tensors (gathered from / scattered to sharded parameters), saving and
+reading them, and import of the original implementation's stage-1 artifacts (the model a directory describes
+is built by medcare.stage_model). Nothing here unpickles: tensors are safetensors, metadata is JSON, and the original
 implementation's `non_lora_trainables.bin` is read with torch.load(weights_only=True).
 
 A stage directory holds
@@ -11,21 +12,17 @@ A stage directory holds
                             library version, and the sha256 of adapter.safetensors (verified on load)
 Both files are written atomically (temporary name, fsync, rename): a crash never leaves a torn directory,
 and tensors that are not finite are never written. Training checkpoints (checkpoint-N) are built under a
-temporary name and renamed into place whole (`publish_checkpoint`), so a kill during a save leaves the
+temporary name and renamed into place whole (`files.publish_checkpoint`), so a kill during a save leaves the
 previous checkpoint as the newest one. Under FSDP2 the adapter parameters are DTensors: reading gathers them,
 loading scatters the full tensors back to each rank's shard (every rank must call both).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +32,10 @@ from torch import nn
 
 from . import __version__
 from .config import Stage1Config, Stage2Config
-from .inject import InjectionReport, adapter_modules, apply_stage2
+from .files import atomic_write, sha256_file
+from .inject import adapter_modules
 from .layers import MoLoRALinear
+from .loading import UserError
 
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "medcare_adapter.json"
@@ -46,75 +45,17 @@ FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidde
                     "num_key_value_heads", "vocab_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A stage directory, model directory or official checkpoint that cannot be used, with the reason."""
 
 
-# ----------------------------------------------------------------------------------------------- files
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+# ------------------------------------------------------------------------------------- fingerprints
 def model_fingerprint(config) -> dict:
     """What must match between a stage directory and the model it is applied to."""
     fp = {k: getattr(config, k, None) for k in FINGERPRINT_KEYS}
     fp["architectures"] = list(getattr(config, "architectures", None) or [])
     return fp
 
-
-def fsync_tree(path: str) -> None:
-    """fsync every file and directory under `path` (then `path` itself): its content is on disk before a
-    rename makes it visible."""
-    for root, _dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
-def publish_checkpoint(staging: str, final: str) -> None:
-    """Move a completely written checkpoint directory into place: fsync its files, rename it over `final`
-    (an older directory of that name, e.g. from an overwritten run, is removed first), fsync the parent."""
-    fsync_tree(staging)
-    if os.path.lexists(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
 # ------------------------------------------------------------------------------------- adapter tensors
@@ -240,6 +181,15 @@ class StageDir:
     def stage1(self) -> Stage1Config:
         return Stage1Config(**self.meta["stage1"])
 
+    @property
+    def stage2(self) -> Stage2Config | None:
+        return Stage2Config(**self.meta["stage2"]) if "stage2" in self.meta else None
+
+    def role(self, role: str, rename: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter role ("<module>.<role>.<tensor>"), optionally under another role name."""
+        mark = f".{role}."
+        return {(k.replace(mark, f".{rename}.") if rename else k): v for k, v in self.tensors.items() if mark in k}
+
 
 def save_stage(output_dir: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write a stage directory: adapter.safetensors, then the manifest that vouches for it. Tensors holding
@@ -303,70 +253,6 @@ def check_base_matches(stage: StageDir, config) -> None:
              if k != "architectures" and want[k] is not None and want[k] != got.get(k)]
     if diffs:
         raise CheckpointError(f"{stage.path} was trained on a different base model ({'; '.join(diffs)})")
-
-
-# ---------------------------------------------------------------------------------------- transition
-def _find(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-@torch.no_grad()
-def merge_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], scalings: dict[str, float]) -> int:
-    """W += sum over roles of s_role * B A, for every "<module>.<role>.lora_a/b" pair in `tensors` whose role
-    is in `scalings` (the module may be a plain nn.Linear or an adapter's base layer). Deltas are summed in
-    fp32 and each weight is updated once, so a bf16 checkpoint is rounded once. Every module is looked up
-    before any weight changes: a refused merge leaves the model as it was. Returns the pairs merged."""
-    deltas: dict[str, torch.Tensor] = {}
-    weights: dict[str, torch.Tensor] = {}
-    merged = 0
-    for key, a in tensors.items():
-        name, role, tensor = key.rsplit(".", 2)
-        if tensor != "lora_a" or role not in scalings:
-            continue
-        layer = _find(model, name)
-        if layer is None:
-            raise CheckpointError(f"the model has no module {name!r} for adapter tensor {key!r}")
-        weights[name] = getattr(layer, "base_layer", layer).weight
-        delta = scalings[role] * (tensors[f"{name}.{role}.lora_b"].float() @ a.float())
-        deltas[name] = deltas[name] + delta if name in deltas else delta
-        merged += 1
-    for name, delta in deltas.items():
-        w = weights[name]
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-    return merged
-
-
-def transition(model: nn.Module, stage1: StageDir, cfg: Stage2Config
-               ) -> tuple[dict[str, torch.Tensor], InjectionReport]:
-    """Turn a fresh base model into the stage-2 starting model, in memory:
-    merge stage 1's attention LoRA into W, drop the routed experts and routers, put knowledge (= stage 1's
-    shared LoRA, exactly) + a new alignment LoRA on the MLP projections. The model then computes exactly
-    "stage-1 model without the routed experts". Returns the attention tensors (the stage-2 directory keeps
-    them for export) and the injection report."""
-    s1 = stage1.stage1
-    cfg.rank = cfg.rank or s1.shared_rank or s1.expert_rank
-    cfg.scaling = s1.mlp_scaling if cfg.scaling is None else cfg.scaling
-    # Every check before any weight changes: a refused transition leaves the model as it was.
-    if abs(cfg.scaling - s1.mlp_scaling) > 1e-12:
-        raise CheckpointError(f"stage-2 scaling {cfg.scaling} differs from stage 1's MoLoRA scaling "
-                              f"{s1.mlp_scaling}: the knowledge LoRA would not start where stage 1 left it "
-                              f"(pass --scaling {s1.mlp_scaling})")
-    if cfg.targets is None:
-        cfg.targets = list(s1.mlp_targets)
-    elif s1.shared_rank and set(cfg.targets) - set(s1.mlp_targets):
-        extra = sorted(set(cfg.targets) - set(s1.mlp_targets))
-        raise CheckpointError(f"stage 1 trained MoLoRA on {', '.join(s1.mlp_targets)} only, so {', '.join(extra)} "
-                              f"has no knowledge LoRA; pass --targets {' '.join(s1.mlp_targets)}")
-    attention = {k: v for k, v in stage1.tensors.items() if ".attention." in k}
-    merge_lora_tensors(model, attention, {"attention": s1.attn_scaling})
-    report = apply_stage2(model, cfg, knowledge_rank=s1.shared_rank)
-    if s1.shared_rank:
-        shared = {k.replace(".shared.", ".knowledge."): v for k, v in stage1.tensors.items() if ".shared." in k}
-        load_adapter_state(model, shared, roles=("knowledge",))
-    return attention, report
 
 
 # ------------------------------------------------------------------------------------ original import
@@ -468,33 +354,9 @@ def load_stage1(path: str, top_k: int | None = None) -> StageDir:
     return read_stage(path, expect_stage=1)
 
 
-# -------------------------------------------------------------------------------------------- export
-def merge_stage2(model: nn.Module, stage2: StageDir) -> int:
-    """Fold everything a stage-2 directory holds into the plain base model's weights, in place:
-    W += s_attn B A on the attention projections, W += s (Bk Ak + Ba Aa) on the MLP projections."""
-    s1, s2 = stage2.meta["stage1"], stage2.meta["stage2"]
-    return merge_lora_tensors(model, stage2.tensors, {"attention": s1["attn_alpha"] / s1["attn_rank"],
-                                                      "knowledge": s2["scaling"], "alignment": s2["scaling"]})
-
-
-def publish_dir(build: Callable[[str], None], output_dir: str) -> None:
-    """build(tmp_dir) then rename it to output_dir, so a crash never leaves a half-written export behind.
-    An existing non-empty output_dir is refused, never overwritten."""
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise CheckpointError(f"{output_dir} already exists and is not empty; choose a new --output")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        build(tmp)
-        mask = _umask()
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes an owner-only directory; a served model must be readable
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty, checked above
-        os.replace(tmp, output_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+def open_stage(path: str, expect_stage: int | None = None, official_top_k: int | None = None) -> StageDir:
+    """Any stage directory: medcare's (either stage, or the one expected), or the original implementation's
+    stage-1 output (converted in memory)."""
+    if expect_stage in (None, 1) and is_official_stage1(path):
+        return load_stage1(path, official_top_k)
+    return read_stage(path, expect_stage=expect_stage)

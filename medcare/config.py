@@ -3,15 +3,18 @@ together (one ConfigError listing each), before a model is loaded or a file is w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
+
+from .loading import UserError
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """One or more invalid settings; str() lists every problem on its own line."""
 
     def __init__(self, problems: list[str]):
@@ -89,6 +92,10 @@ class Stage1Config:
         return asdict(self)
 
 
+# Stage 2 without a stage-1 directory to take them from (a plain model): the paper's values.
+STAGE2_FALLBACK_RANK, STAGE2_FALLBACK_SCALING = 32, 2.0
+
+
 @dataclass
 class Stage2Config:
     """Stage 2, downstream alignment: knowledge LoRA (from stage 1's shared LoRA) + new alignment LoRA."""
@@ -119,5 +126,36 @@ class Stage2Config:
             raise ConfigError(problems)
         return self
 
+    @property
+    def resolved(self) -> bool:
+        """Whether rank, scaling and targets are filled in (`resolve_stage2`)."""
+        return None not in (self.rank, self.scaling, self.targets)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_stage2(cfg: Stage2Config, stage1: Stage1Config | None) -> Stage2Config:
+    """A new, validated Stage2Config with every "take it from stage 1" field filled in; the only place the
+    fallbacks live. With a stage-1 config: rank = its shared rank (its expert rank when it has no shared LoRA),
+    scaling = its MoLoRA scaling (required: the knowledge LoRA must start exactly where stage 1 left it),
+    targets = its MoLoRA targets (others would have no knowledge LoRA). Without one: the paper's values."""
+    cfg.validate()
+    if stage1 is None:
+        return dataclasses.replace(cfg, rank=cfg.rank or STAGE2_FALLBACK_RANK,
+                                   scaling=STAGE2_FALLBACK_SCALING if cfg.scaling is None else cfg.scaling,
+                                   targets=list(MLP_TARGETS) if cfg.targets is None else list(cfg.targets))
+    problems = []
+    scaling = stage1.mlp_scaling if cfg.scaling is None else cfg.scaling
+    if abs(scaling - stage1.mlp_scaling) > 1e-12:
+        problems.append(f"stage-2 scaling {scaling} differs from stage 1's MoLoRA scaling {stage1.mlp_scaling}: the "
+                        f"knowledge LoRA would not start where stage 1 left it (pass --scaling {stage1.mlp_scaling})")
+    targets = list(stage1.mlp_targets) if cfg.targets is None else list(cfg.targets)
+    extra = sorted(set(targets) - set(stage1.mlp_targets))
+    if stage1.shared_rank and extra:
+        problems.append(f"stage 1 trained MoLoRA on {', '.join(stage1.mlp_targets)} only, so {', '.join(extra)} has "
+                        f"no knowledge LoRA; pass --targets {' '.join(stage1.mlp_targets)}")
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(cfg, rank=cfg.rank or stage1.shared_rank or stage1.expert_rank, scaling=scaling,
+                               targets=targets)

@@ -21,7 +21,8 @@ Scoring modes:
     answer with the highest log-likelihood wins; no generation, one forward per batch. Candidates are the
     option letters; when the data has multi-answer items, every letter set up to the largest answer size,
     each followed by the sentence end, scored as a whole.
-  * generate: greedy generation, then the paper's extraction ("The answer is X" / "答案为X", the last one);
+  * generate: greedy generation (batched; a row stops once its answer sentence is complete, or at
+    --max-new-tokens), then the paper's extraction ("The answer is X" / "答案为X", the last one);
     when nothing matches, a second pass appends the answer prefix to the response and picks the most
     likely candidate (the paper's forced-letter pass).
 An item is correct when the predicted letter set equals the answer set exactly. The report gives accuracy
@@ -31,8 +32,8 @@ overall, per task and per type, and every item's prediction.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
-import json
 import os
 import re
 import sys
@@ -42,29 +43,22 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from . import data as data_mod
+from .checkpoint import open_stage
+from .data import FORMATS, IM_END, parse_file, render_prompt
+from .files import write_json
+from .loading import UserError, load_model_and_tokenizer, resolve_device, resolve_dtype
+from .prompts import ANSWER_PREFIX as PREFIX
+from .prompts import EN_INSTRUCTION, SENTENCE_END, ZH_INSTRUCTION, is_chinese, mcq_prompt
+from .stage_model import build_stage_model
 
-EN_INSTRUCTION = "Please format the final answer at the end of the response as: The answer is {answer}."
-ZH_INSTRUCTION = "请在回答的最后用以下格式回答：答案为{answer}。"
-PREFIX = {"en": "The answer is", "zh": "答案为"}
-SENTENCE_END = {"en": ".", "zh": "。"}
 _OPTION_LINE = re.compile(r"^\s*[(（]?([A-Z])\s*(?:[)）.．、:：]|\s)", re.M)
 _MARKERS = re.compile(r"答案[为是][:：]?|the[ \t]+answer[ \t]+is[ \t]*:?", re.I)
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Unusable evaluation data, model or arguments: reported as one line, exit status 2."""
-
-
-def is_chinese(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
-
-
-def mcq_prompt(question: str, options: dict[str, str], lang: str) -> str:
-    """The user turn of a plain record: the question, its lettered options, the paper's answer instruction."""
-    lines = [question, *(f"{letter}. {text}" for letter, text in options.items())]
-    return "\n".join([*lines, ZH_INSTRUCTION if lang == "zh" else EN_INSTRUCTION])
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -113,7 +107,7 @@ def _plain_item(r: dict, where: str, stem: str) -> Item:
 
 
 def _turns(r: dict) -> list[dict[str, str]] | None:
-    for key, (speaker, text, roles) in data_mod._FORMATS.items():
+    for key, (speaker, text, roles) in FORMATS.items():
         if isinstance(r.get(key), list):
             turns = [t for t in r[key] if isinstance(t, dict)]
             return [{"role": roles.get(t.get(speaker), "?"), "content": t.get(text)} for t in turns]
@@ -158,7 +152,7 @@ def load_items(paths: Sequence[str], limit: int | None = None) -> list[Item]:
     items, problems = [], []
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
-        for raw in data_mod._parse_file(path):
+        for raw in parse_file(path):
             where = f"{path}:{raw.location}" if raw.location else path
             if raw.problem is not None:
                 problems.append(str(raw.problem))
@@ -176,15 +170,6 @@ def load_items(paths: Sequence[str], limit: int | None = None) -> list[Item]:
 
 
 # ------------------------------------------------------------------------------------------- prompting
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The text the model sees before its reply, exactly as training formats a conversation: the tokenizer's
-    chat template with the generation prompt, else ChatML with the default system prompt (medcare.data)."""
-    if getattr(tokenizer, "chat_template", None):
-        return data_mod._render(tokenizer, messages, True)
-    pieces = data_mod._chatml_pieces(list(messages))
-    return "".join(p.text for p in pieces) + f"{data_mod.IM_START}assistant\n"
-
-
 def candidates(item: Item, max_size: int) -> list[str]:
     """Every letter set of 1..max_size options (sorted letters): the hypotheses loglik scoring compares."""
     return ["".join(c) for k in range(1, min(max_size, len(item.letters)) + 1)
@@ -275,8 +260,6 @@ def _score_rows(model, rows: list[_Row], pad_id: int, device) -> list[float | li
 
 
 def _accepts(model, name: str) -> bool:
-    import inspect
-
     return name in inspect.signature(model.forward).parameters
 
 
@@ -298,27 +281,46 @@ def loglik_predict(model, tokenizer, items: list[Item], contexts: list[str], max
     return scores
 
 
+class AnswerSentenceStop(StoppingCriteria):
+    """Stops a row once its reply has completed an answer sentence ("The answer is B." / "答案为B。": the marker,
+    then the end of that sentence or line): the paper's replies end there, so the tokens after it are waste."""
+
+    DONE = re.compile(r"(?:答案[为是]|the[ \t]+answer[ \t]+is)[^\n.。]*?[A-Z][^\n.。]*[.。\n]", re.I)
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([bool(self.DONE.search(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device,
-                       progress: bool = True) -> list[str]:
-    """Greedy completions (left-padded batches), stopping at the tokenizer's end-of-turn / end-of-text."""
-    from transformers import GenerationConfig
-
+                       progress: bool = True, stop_at_answer: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy completions (left-padded batches, prompts sorted by length), stopping at the tokenizer's
+    end-of-turn / end-of-text, and with `stop_at_answer` after the answer sentence (AnswerSentenceStop; the
+    reply is cut right after it, so a row that finished early in its batch reads the same as alone)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(data_mod.IM_END)) if
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)) if
              isinstance(t, int) and t != tokenizer.unk_token_id}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                               eos_token_id=sorted(stops))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda j: len(encoded[j]))
     out: list[str] = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc="medcare.eval (generate)", unit="q", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=f"medcare.eval ({desc})", unit="reply", disable=not progress,
+              leave=False) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             ids, mask = _left_pad([encoded[j] for j in chunk], pad_id, device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            criteria = StoppingCriteriaList([AnswerSentenceStop(tokenizer, ids.shape[1])] if stop_at_answer else [])
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 stopping_criteria=criteria)
             for j, seq in zip(chunk, gen[:, ids.shape[1]:], strict=True):
-                out[j] = tokenizer.decode(seq, skip_special_tokens=True)
+                text = tokenizer.decode(seq, skip_special_tokens=True)
+                done = AnswerSentenceStop.DONE.search(text) if stop_at_answer else None
+                out[j] = text[:done.end()].rstrip() if done else text
             bar.update(len(chunk))
     return out
 
@@ -382,7 +384,8 @@ def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_si
     preds: list[str | None] = [None] * len(items)
     how = ["loglik"] * len(items)
     if mode == "generate":
-        responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, device, progress)
+        responses = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, device, progress,
+                                       stop_at_answer=True)
         preds = [extract_answer(r, i.letters) for r, i in zip(responses, items, strict=True)]
         how = ["pattern" if p else "forced" for p in preds]
     todo = [j for j, p in enumerate(preds) if p is None]
@@ -405,64 +408,14 @@ def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_si
 
 
 # ------------------------------------------------------------------------------------------------ models
-def apply_stage_dir(model, stage_dir: str, experts: str = "drop") -> str:
-    """Put a stage directory's adapters on a freshly loaded base model, unmerged. Stage 1: attention LoRA +
-    MoLoRA; with experts="drop" the routed experts' B is zeroed, so the model computes the stage-1 model
-    without its noise aggregator (what stage 2 starts from and the paper deploys). Stage 2: stage 1's
-    attention LoRA merged into W (as stage 2 trained on it), knowledge + alignment LoRAs as modules.
-    Returns a one-line description."""
-    from . import checkpoint as ckpt
-    from .config import Stage2Config
-    from .inject import adapter_modules, apply_stage1, apply_stage2
-    from .layers import MoLoRALinear
-
-    stage = ckpt.load_stage1(stage_dir) if ckpt.is_official_stage1(stage_dir) else ckpt.read_stage(stage_dir)
-    ckpt.check_base_matches(stage, model.config)
-    if stage.stage == 1:
-        apply_stage1(model, stage.stage1)
-        ckpt.load_adapter_state(model, stage.tensors)
-        if experts == "drop":
-            with torch.no_grad():
-                for _, m in adapter_modules(model, MoLoRALinear):
-                    m.lora_b[:, : m.num_experts * m.expert_rank].zero_()
-        return f"stage 1 ({'shared LoRA only, routed experts dropped' if experts == 'drop' else 'routed experts kept'})"
-    s1 = stage.stage1
-    attention = {k: v for k, v in stage.tensors.items() if ".attention." in k}
-    ckpt.merge_lora_tensors(model, attention, {"attention": s1.attn_scaling})
-    apply_stage2(model, Stage2Config(**stage.meta["stage2"]), knowledge_rank=s1.shared_rank)
-    ckpt.load_adapter_state(model, stage.tensors, roles=("knowledge", "alignment"))
-    return "stage 2 (knowledge + alignment LoRAs, unmerged)"
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvalError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: no CUDA device on this machine")
-    return device
-
-
 def load_model(model_dir: str, stage_dir: str | None, dtype: str, device: str, experts: str):
-    """(model in eval mode on its device, tokenizer, description)."""
-    from . import checkpoint as ckpt
-    from . import train as train_mod
-
-    dev = _device(device)
-    try:
-        if dtype == "auto":
-            dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        else:
-            dt = train_mod._dtype(dtype)
-        model, tokenizer = train_mod.load_model_and_tokenizer(model_dir, dt)
-        what = "plain model"
-        if stage_dir:
-            what = apply_stage_dir(model, stage_dir, experts)
-    except (train_mod.UserError, ckpt.CheckpointError) as exc:
-        raise EvalError(str(exc)) from None
+    """(model in eval mode on its device, tokenizer, description). With `stage_dir`, the model of that stage
+    directory on the base `model_dir` (medcare.stage_model.build_stage_model, adapters unmerged)."""
+    dev = resolve_device(device)
+    model, tokenizer = load_model_and_tokenizer(model_dir, resolve_dtype(dtype, dev, option="--dtype"))
+    what = "plain model"
+    if stage_dir:
+        what = build_stage_model(model, open_stage(stage_dir), experts=experts).description
     return model.to(dev).eval(), tokenizer, what
 
 
@@ -477,7 +430,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", default="loglik", choices=("loglik", "generate"), help="scoring (default loglik)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward / generate call (default 8)")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="generate mode: reply length limit")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="generate mode: reply length limit (default 256)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on a bf16 GPU, else float32), float32, bfloat16, "
                                                     "float16")
@@ -503,18 +456,6 @@ def _check_args(args) -> None:
         raise EvalError("; ".join(problems))
 
 
-def write_json(path: str, report: dict) -> None:
-    from .checkpoint import atomic_write
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-
-    atomic_write(path, write)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -526,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
               f"mode {args.mode}")
         result = evaluate(model, tokenizer, items, args.mode, args.batch_size, args.max_new_tokens,
                           progress=not args.no_progress)
-    except (EvalError, ValueError) as exc:
+    except UserError as exc:
         print(f"medcare.eval: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     print(f"scored by {result.mode} over {result.answer_space}, {result.seconds:.1f} s")

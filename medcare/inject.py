@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import MLP_TARGETS, Stage1Config, Stage2Config
+from .config import Stage1Config, Stage2Config
 from .layers import LoRALinear, MoLoRALinear, gate_up_forward
+from .loading import UserError
 
 ADAPTER_TYPES = (LoRALinear, MoLoRALinear)
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)): layers.gate_up_forward
@@ -23,7 +24,7 @@ ADAPTER_TYPES = (LoRALinear, MoLoRALinear)
 GATE_UP_MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP")
 
 
-class InjectionError(ValueError):
+class InjectionError(UserError):
     """The model does not have the projections the stage needs, or already carries adapters."""
 
 
@@ -127,26 +128,33 @@ def fuse_gate_up(model: nn.Module) -> int:
     return count
 
 
+def apply_lora(model: nn.Module, targets, adapters: dict[str, int], *, scaling: float, dropout: float,
+               dtype: str) -> InjectionReport:
+    """LoRALinear with the named adapters (packed in this order, one scaling) on every nn.Linear named in
+    `targets`; everything else frozen."""
+    def build(attr: str, layer: nn.Linear) -> nn.Module:
+        return LoRALinear(layer, adapters, scaling=scaling, dropout=dropout, dtype=dtype)
+
+    counts = _replace(model, tuple(targets), build)
+    report = freeze_non_adapters(model)
+    report.replaced = counts
+    return report
+
+
 def apply_stage2(model: nn.Module, cfg: Stage2Config, knowledge_rank: int) -> InjectionReport:
     """Knowledge (rank = stage 1's shared rank) + alignment LoRAs, packed in that order, on cfg.targets.
 
-    The knowledge slots are left at their fresh initialisation: the transition (checkpoint.py) copies
-    stage 1's shared LoRA into them. With knowledge_rank 0 only the alignment LoRA exists.
+    `cfg` must be resolved (config.resolve_stage2 fills rank, scaling and targets). The knowledge slots are
+    left at their fresh initialisation: the stage-model builder (stage_model.py) copies stage 1's shared LoRA
+    into them. With knowledge_rank 0 only the alignment LoRA exists.
     """
     cfg.validate()
-    # Defaults when no stage-1 directory filled them in (see checkpoint.transition): the paper's values.
-    cfg.targets = list(MLP_TARGETS) if cfg.targets is None else cfg.targets
-    cfg.rank = cfg.rank or knowledge_rank or 32
-    cfg.scaling = 2.0 if cfg.scaling is None else cfg.scaling
+    if not cfg.resolved:
+        raise ValueError("apply_stage2 needs a resolved Stage2Config (medcare.config.resolve_stage2)")
     adapters = {"knowledge": knowledge_rank, "alignment": cfg.rank} if knowledge_rank else {"alignment": cfg.rank}
-
-    def build(attr: str, layer: nn.Linear) -> nn.Module:
-        return LoRALinear(layer, adapters, scaling=cfg.scaling, dropout=cfg.dropout, dtype=cfg.adapter_dtype)
-
-    counts = _replace(model, tuple(cfg.targets), build)
+    report = apply_lora(model, cfg.targets, adapters, scaling=cfg.scaling, dropout=cfg.dropout,
+                        dtype=cfg.adapter_dtype)
     if cfg.freeze_knowledge and knowledge_rank:
         for _, module in adapter_modules(model, LoRALinear):
             module.freeze_adapter("knowledge")
-    report = freeze_non_adapters(model)
-    report.replaced = counts
     return report

@@ -23,13 +23,13 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from .files import write_json
 from .inject import adapter_modules
 from .layers import MoLoRALinear
 from .losses import TokenMask
@@ -189,16 +189,8 @@ def make_report(state: dict[str, tuple[torch.Tensor, torch.Tensor]], num_experts
 
 # ------------------------------------------------------------------------------------------------ files
 def write_report(report: dict, directory: str) -> str:
-    from .checkpoint import atomic_write
-
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, USAGE_FILE)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-
-    atomic_write(path, write)
+    write_json(path, report)
     return path
 
 
@@ -296,65 +288,3 @@ def save_usage(report: dict, directory: str) -> tuple[str, str | None]:
     json_path = write_report(report, directory)
     png = write_plot(report, os.path.join(directory, PLOT_FILE))
     return json_path, png
-
-
-# ---------------------------------------------------------------------------------------- the trainer
-def usage_callback(model: nn.Module, router_aux_loss_coef: float = 0.0, count: bool = True):
-    """A transformers TrainerCallback for stage 1. With `count`, it counts expert usage, logs the mean load cv
-    with every loss log, writes expert_usage.json + .png into each checkpoint and the output directory, prints
-    the summary at the end, and resumes its counts from a checkpoint. The trainer adds the load-balancing
-    loss when `coef` > 0 and reports it here (logged as router_aux_loss)."""
-    from transformers import TrainerCallback
-
-    class ExpertUsageCallback(TrainerCallback):
-        def __init__(self):
-            self.usage = ExpertUsage(model) if count else None
-            self.coef = router_aux_loss_coef
-            self._aux_sum, self._aux_n = 0.0, 0
-
-        def record_aux(self, value: torch.Tensor) -> None:
-            """The load-balancing loss of one micro-batch (a detached device scalar: no sync)."""
-            self._aux_sum = self._aux_sum + value
-            self._aux_n += 1
-
-        def log_values(self) -> dict[str, float]:
-            """Extra values for a training log line (reads the counters: called at logging steps only)."""
-            out = {}
-            if self.usage is not None and self.usage.slots:
-                report = make_report({n: (s.pairs.cpu(), s.tokens.cpu()) for n, s in self.usage.slots.items()},
-                                     self.usage.num_experts, self.usage.top_k)
-                out["expert_load_cv"] = round(report["summary"]["mean_cv"], 4)
-            if self._aux_n:
-                out["router_aux_loss"] = round(float(self._aux_sum) / self._aux_n, 4)
-                self._aux_sum, self._aux_n = 0.0, 0
-            return out
-
-        def _report(self, state) -> dict:
-            return self.usage.report(steps=state.global_step, router_aux_loss_coef=self.coef)
-
-        def on_train_begin(self, args, state, control, **kw):
-            resume = args.resume_from_checkpoint
-            if self.usage is not None and isinstance(resume, str) and os.path.isfile(os.path.join(resume, USAGE_FILE)) \
-                    and state.is_world_process_zero:  # the others start at 0: counts are summed over processes
-                self.usage.load_report(read_report(resume))
-
-        def on_save(self, args, state, control, **kw):
-            if self.usage is None:
-                return
-            report = self._report(state)  # every process takes part in the sum
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if state.is_world_process_zero and os.path.isdir(checkpoint):  # never create a fake checkpoint
-                write_report(report, checkpoint)
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.usage is None:
-                return
-            report = self._report(state)
-            self.usage.detach()
-            if state.is_world_process_zero:
-                _, png = save_usage(report, args.output_dir)
-                print("medcare: " + "\n".join(summary_lines(report)), file=sys.stdout)
-                print(f"medcare: expert usage written to {os.path.join(args.output_dir, USAGE_FILE)}"
-                      + (f" and {png}" if png else ""))
-
-    return ExpertUsageCallback()

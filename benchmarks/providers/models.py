@@ -76,11 +76,12 @@ def medcare_stage1(base: nn.Module) -> nn.Module:
 
 
 def medcare_stage2(base: nn.Module) -> nn.Module:
-    from medcare.config import Stage2Config
+    from medcare.config import Stage1Config, Stage2Config, resolve_stage2
     from medcare.inject import apply_stage2
 
     model = shared_copy(base)
-    apply_stage2(model, Stage2Config(), knowledge_rank=32)
+    stage1 = Stage1Config()  # the paper's stage 1: the knowledge LoRA has its shared rank (32)
+    apply_stage2(model, resolve_stage2(Stage2Config(), stage1), knowledge_rank=stage1.shared_rank)
     randomize_b(model)
     return model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from medcare import train as train_mod
+from medcare import trainer as trainer_mod
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -73,17 +73,11 @@ def make_test_tokenizer():
 def captured_logs(monkeypatch):
     """Every dict the trainer logs (loss, orth_loss, ...), in order."""
     logs: list[dict] = []
-    original = train_mod._trainer_class
 
-    def patched():
-        cls = original()
+    class Capturing(trainer_mod.MedCareTrainer):
+        def log(self, values, start_time=None):
+            super().log(values, start_time)
+            logs.append(dict(values))
 
-        class Capturing(cls):
-            def log(self, values, start_time=None):
-                super().log(values, start_time)
-                logs.append(dict(values))
-
-        return Capturing
-
-    monkeypatch.setattr(train_mod, "_trainer_class", patched)
+    monkeypatch.setattr(trainer_mod, "MedCareTrainer", Capturing)
     return logs

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from medcare.config import Stage1Config, Stage2Config
+from medcare.config import Stage1Config, Stage2Config, resolve_stage2
 from medcare.inject import adapter_modules
 
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
@@ -54,9 +54,10 @@ def stage1_config(**overrides) -> Stage1Config:
 
 
 def stage2_config(**overrides) -> Stage2Config:
+    """A resolved stage-2 config (rank 6, scaling 2, no dropout, lambda 1; targets the MLP projections)."""
     kw = dict(rank=6, scaling=2.0, dropout=0.0, orth_lambda=1.0)
     kw.update(overrides)
-    return Stage2Config(**kw)
+    return resolve_stage2(Stage2Config(**kw), None)
 
 
 @torch.no_grad()

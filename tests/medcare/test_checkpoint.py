@@ -49,14 +49,14 @@ from medcare.checkpoint import (
     check_base_matches,
     load_adapter_state,
     load_stage1,
-    merge_stage2,
     read_stage,
     save_stage,
-    sha256_file,
-    transition,
 )
+from medcare.config import ConfigError
+from medcare.files import sha256_file
 from medcare.inject import adapter_modules, apply_stage1
 from medcare.layers import LoRALinear, MoLoRALinear
+from medcare.stage_model import build_stage_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,7 +90,7 @@ def pipeline(tmp_path_factory, chatml_tokenizer):
     s1_no_na_logits = logits(s1_model, ids)
 
     s2_model = load_base(base_dir)
-    attention, _ = transition(s2_model, read_stage(s1_dir, expect_stage=1), cfg2)
+    attention = build_stage_model(s2_model, read_stage(s1_dir, expect_stage=1), alignment=cfg2).attention
     s2_start_logits = logits(s2_model, ids)
     randomize_adapters(s2_model, std=0.1)
     s2_logits = logits(s2_model, ids)
@@ -248,7 +248,8 @@ def test_transition_is_stage1_without_the_routed_experts(pipeline):
     assert (pipeline["s1_no_na_logits"] - pipeline["base_logits"]).abs().max() > 1e-3
     model = load_base(pipeline["base_dir"])
     stage1 = read_stage(pipeline["s1_dir"], expect_stage=1)
-    attention, report = transition(model, stage1, pipeline["cfg2"])
+    built = build_stage_model(model, stage1, alignment=pipeline["cfg2"])
+    attention, report = built.attention, built.report
     torch.testing.assert_close(logits(model, pipeline["ids"]), pipeline["s1_no_na_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pipeline["s2_start_logits"], pipeline["s1_no_na_logits"], rtol=1e-5, atol=1e-5)
     # The NA is gone, the attention LoRA is merged into plain Linear layers, knowledge = shared exactly.
@@ -272,16 +273,16 @@ def test_transition_is_stage1_without_the_routed_experts(pipeline):
 def test_transition_refuses_a_different_scaling(pipeline):
     torch.manual_seed(0)
     model = load_base(pipeline["base_dir"])
-    with pytest.raises(CheckpointError, match="scaling"):
-        transition(model, read_stage(pipeline["s1_dir"]), stage2_config(scaling=1.0))
+    with pytest.raises(ConfigError, match="scaling"):
+        build_stage_model(model, read_stage(pipeline["s1_dir"]), alignment=stage2_config(scaling=1.0))
 
 
 def test_refused_transition_leaves_the_model_untouched(pipeline):
     torch.manual_seed(0)
     model = load_base(pipeline["base_dir"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError):
-        transition(model, read_stage(pipeline["s1_dir"]), stage2_config(scaling=1.0))
+    with pytest.raises(ConfigError):
+        build_stage_model(model, read_stage(pipeline["s1_dir"]), alignment=stage2_config(scaling=1.0))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -291,7 +292,7 @@ def test_merge_stage2_equals_the_adapter_model(pipeline):
     torch.manual_seed(0)
     assert (pipeline["s2_logits"] - pipeline["s2_start_logits"]).abs().max() > 1e-3
     model = load_base(pipeline["base_dir"])
-    n = merge_stage2(model, read_stage(pipeline["s2_dir"], expect_stage=2))
+    n = build_stage_model(model, read_stage(pipeline["s2_dir"], expect_stage=2), merged=True).merged_pairs
     assert n == NUM_LAYERS * (len(ATTN) + 2 * len(MLP))
     assert not list(adapter_modules(model))
     assert rel_err(logits(model, pipeline["ids"]), pipeline["s2_logits"]) <= 1e-5

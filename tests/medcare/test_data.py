@@ -414,9 +414,11 @@ def test_dataset_lengths_and_trainer_length_grouping(tmp_path, template_tokenize
     assert dataset.lengths[:2] == [len(encode_conversation(template_tokenizer, c)["input_ids"]) for c in CONVERSATIONS]
     # What Trainer(train_sampling_strategy="group_by_length") builds for a torch Dataset.
     assert LengthGroupedSampler(4, dataset=dataset).lengths == dataset.lengths
-    sampler = data.length_grouped_sampler(dataset, 4, generator=torch.Generator().manual_seed(0))
+    sampler = data.EpochSampler(dataset.lengths, 4, seed=0)  # what medcare's trainer uses
     order = list(sampler)
     assert sorted(order) == list(range(10)) and dataset.lengths[order[0]] == max(dataset.lengths)
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(10)) and list(sampler) != order and list(sampler) == list(sampler)
     indices = data.length_grouped_indices(dataset.lengths, 2, generator=torch.Generator().manual_seed(1))
     assert sorted(indices) == list(range(10))
 

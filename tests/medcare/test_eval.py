@@ -23,6 +23,7 @@ from pipeline_testing import (
 from medcare import checkpoint as ckpt
 from medcare import eval as ev
 from medcare.inject import apply_stage1
+from medcare.stage_model import build_stage_model
 
 QUESTIONS = [  # (question, options, language)
     ("What is the usual adult dose of aspirin?", ["100 mg", "500 mg", "5 g", "50 g"], "en"),
@@ -223,12 +224,12 @@ def stages(tmp_path_factory, chatml_tokenizer):
     randomize_adapters(model, std=0.1)
     s1 = ckpt.save_stage(str(root / "s1"), ckpt.adapter_state(model), stage1_meta(cfg1, model, base))
     model = tiny_model("qwen2", vocab)
-    attention, _ = ckpt.transition(model, ckpt.read_stage(s1), stage2_config())
+    attention = build_stage_model(model, ckpt.read_stage(s1), alignment=stage2_config()).attention
     randomize_adapters(model, std=0.1)
     s2 = ckpt.save_stage(str(root / "s2"), {**ckpt.adapter_state(model), **attention},
                          stage2_meta(cfg1, stage2_config(), model, s1, base))
     merged = tiny_model("qwen2", vocab)
-    ckpt.merge_stage2(merged, ckpt.read_stage(s2))
+    build_stage_model(merged, ckpt.read_stage(s2), merged=True)
     export = save_base(root / "export", merged, chatml_tokenizer)
     return dict(root=root, base=base, s1=s1, s2=s2, export=export)
 
@@ -243,7 +244,7 @@ def test_stage_dirs_applied_unmerged_compute_the_export_and_the_transition(stage
         dropped, _, what = ev.load_model(stages["base"], stages["s1"], "float32", "cpu", "drop")
         kept, _, _ = ev.load_model(stages["base"], stages["s1"], "float32", "cpu", "keep")
         start2 = tiny_model("qwen2", exported.config.vocab_size)
-        ckpt.transition(start2, ckpt.read_stage(stages["s1"]), stage2_config())  # stage-1 model without experts
+        build_stage_model(start2, ckpt.read_stage(stages["s1"]))  # the stage-1 model without experts
         torch.testing.assert_close(dropped(ids).logits, start2(ids).logits, rtol=1e-4, atol=1e-5)
         assert (kept(ids).logits - dropped(ids).logits).abs().max() > 1e-4
 

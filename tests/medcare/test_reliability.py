@@ -23,8 +23,9 @@ from pipeline_testing import (
 from safetensors.torch import load_file
 
 import medcare
-from medcare import train as train_mod
-from medcare.checkpoint import ADAPTER_FILE, MANIFEST_FILE, CheckpointError, atomic_write, read_stage, save_stage
+from medcare import trainer as trainer_mod
+from medcare.checkpoint import ADAPTER_FILE, MANIFEST_FILE, CheckpointError, read_stage, save_stage
+from medcare.files import atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(medcare.__file__)))
 STAGE1 = ["--num_experts", "4", "--top_k", "2", "--expert_rank", "4", "--shared_rank", "8", "--attn_rank", "4",
@@ -53,10 +54,7 @@ def last_line(capfd) -> str:
 # ------------------------------------------------------------------------------------- numerical guard
 def poison(monkeypatch, at_step: int, what: str) -> None:
     """During optimizer step `at_step` (1-based), make the loss NaN or one adapter gradient infinite."""
-    original = train_mod._trainer_class
-
-    def patched():
-        class Poisoned(original()):
+    class Poisoned(trainer_mod.MedCareTrainer):
             def compute_loss(self, model, inputs, *args, **kw):
                 loss = super().compute_loss(model, inputs, *args, **kw)
                 if what == "loss" and self.state.global_step + 1 == at_step:
@@ -70,9 +68,7 @@ def poison(monkeypatch, at_step: int, what: str) -> None:
                     param.grad.view(-1)[0] = float("inf")  # the loss stays finite
                 return loss
 
-        return Poisoned
-
-    monkeypatch.setattr(train_mod, "_trainer_class", patched)
+    monkeypatch.setattr(trainer_mod, "MedCareTrainer", Poisoned)
 
 
 @pytest.mark.parametrize("what, reason", [("loss", "the loss is nan"),
@@ -133,7 +129,7 @@ def test_fp32_router_under_bf16_autocast(env):
 # ------------------------------------------------------------------------------------- atomic writes
 KILL_DURING_WRITE = r'''
 import os, signal, sys
-from medcare.checkpoint import atomic_write
+from medcare.files import atomic_write
 
 def half(tmp):
     with open(tmp, "wb") as f:

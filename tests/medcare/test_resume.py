@@ -32,11 +32,11 @@ DRIVER = r'''
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
-from medcare import train
+from transformers import TrainerCallback
+from medcare import train, trainer
 
 kind, at = os.environ["KILL_AT"].split(":")
 at = int(at)
-original = train._trainer_class
 
 
 def die():
@@ -44,28 +44,24 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def patched():
-    from transformers import TrainerCallback
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if kind == "step" and state.global_step == at:
-                die()
-
-    class Killable(original()):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.add_callback(Kill())
-
-        def _save_optimizer_and_scheduler(self, output_dir):
-            if kind == "save" and self.state.global_step == at:
-                die()
-            super()._save_optimizer_and_scheduler(output_dir)
-
-    return Killable
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if kind == "step" and state.global_step == at:
+            die()
 
 
-train._trainer_class = patched
+class Killable(trainer.MedCareTrainer):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.add_callback(Kill())
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if kind == "save" and self.state.global_step == at:
+            die()
+        super()._save_optimizer_and_scheduler(output_dir)
+
+
+trainer.MedCareTrainer = Killable
 torch.manual_seed(0)
 sys.exit(train.main(sys.argv[1:]))
 '''

@@ -31,7 +31,7 @@ from pipeline_testing import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medcare import train as train_mod
+from medcare import trainer as trainer_mod
 from medcare.checkpoint import (
     ADAPTER_FILE,
     MANIFEST_FILE,
@@ -39,11 +39,11 @@ from medcare.checkpoint import (
     load_adapter_state,
     read_stage,
     save_stage,
-    transition,
 )
 from medcare.config import Stage2Config
 from medcare.data import DataCollator, SupervisedDataset, load_records
 from medcare.inject import apply_stage1
+from medcare.stage_model import build_stage_model
 
 QUIET = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--model_dtype", "float32"]
 STAGE1_ADAPTERS = ["--num_experts", "4", "--top_k", "2", "--expert_rank", "4", "--shared_rank", "8",
@@ -81,7 +81,7 @@ def env(tmp_path_factory, chatml_tokenizer):
         stage1_dirs[name] = save_stage(str(root / f"stage1-{name}"), adapter_state(model),
                                        stage1_meta(cfg1, model, path))
     model = load_base(base)
-    attention, _ = transition(model, read_stage(stage1_dirs["qwen2"]), stage2_config())
+    attention = build_stage_model(model, read_stage(stage1_dirs["qwen2"]), alignment=stage2_config()).attention
     stage2 = save_stage(str(root / "stage2"), {**adapter_state(model), **attention},
                         stage2_meta(cfg1, stage2_config(), model, stage1_dirs["qwen2"], base))
     return dict(root=root, base=base, llama=llama, data=data, stage1=stage1_dirs["qwen2"],
@@ -135,9 +135,9 @@ def test_stage1_stage2_export_end_to_end(env, tmp_path, captured_logs, capfd):
     assert data_loss(trained1, batch) < data_loss(start1, batch) - 0.05
     s2_cfg = Stage2Config(**stage2.meta["stage2"])
     start2 = load_base(env["base"])
-    transition(start2, stage1, s2_cfg)
+    build_stage_model(start2, stage1, alignment=s2_cfg)
     trained2 = load_base(env["base"])
-    transition(trained2, stage1, s2_cfg)
+    build_stage_model(trained2, stage1, alignment=s2_cfg)
     used = load_adapter_state(trained2, stage2.tensors, roles=("knowledge", "alignment"))
     assert used == {k for k in stage2.tensors if ".attention." not in k}
     assert data_loss(trained2, batch) < data_loss(start2, batch) - 0.05
@@ -211,17 +211,12 @@ def test_gradient_accumulation_gives_the_same_step(env, tmp_path):
 def test_gradient_accumulation_without_loss_kwargs(env, tmp_path, monkeypatch):
     """The other branch: a model whose loss the Trainer divides by the accumulation itself. Identical records,
     so the mean of micro-batch means equals the full-batch mean and only the penalty could differ."""
-    original = train_mod._trainer_class
+    class NoLossKwargs(trainer_mod.MedCareTrainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.model_accepts_loss_kwargs = False
 
-    def patched():
-        class NoLossKwargs(original()):
-            def __init__(self, *args, **kw):
-                super().__init__(*args, **kw)
-                self.model_accepts_loss_kwargs = False
-
-        return NoLossKwargs
-
-    monkeypatch.setattr(train_mod, "_trainer_class", patched)
+    monkeypatch.setattr(trainer_mod, "MedCareTrainer", NoLossKwargs)
     same = write_jsonl(tmp_path / "same.jsonl", [records(1)[0]] * 8)
     full = one_step(env, tmp_path / "full", 8, 1, same)
     split = one_step(env, tmp_path / "split", 2, 4, same)
