@@ -19,7 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .checkpoint import MANIFEST_FILE
 from .config import ConfigError, Stage1Config, Stage2Config
-from .loading import UserError, bf16_ok
+from .loading import DTYPES, UserError, bf16_ok
 
 
 @dataclass
@@ -157,6 +157,8 @@ def _choice_problems(run: RunArguments) -> list[str]:
         problems.append(f"--label_mask must be assistant or official, got {run.label_mask!r}")
     if run.on_bad_records not in ("fail", "skip"):
         problems.append(f"--on_bad_records must be fail or skip, got {run.on_bad_records!r}")
+    if run.model_dtype not in DTYPES:  # found here, with the others, before the model loads
+        problems.append(f"--model_dtype must be one of {', '.join(DTYPES)}, got {run.model_dtype!r}")
     return problems
 
 

@@ -173,6 +173,14 @@ class _OrthPenalty(torch.autograd.Function):
         return (None, *d_base, *d_orth)
 
 
+def _no_second_order(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"medcare::{op} has no derivative: second-order gradients of the medcare ops are not "
+                           f"supported (use the torch backend)")
+
+    return backward
+
+
 def _beyond_kernel_limits(op: str, why: str):
     """Under `auto` the torch backend takes over; an explicit `ext` request says why it cannot."""
     if _backend.current_backend() == "ext":
@@ -208,6 +216,10 @@ if HAS_EXT:
     torch.library.register_autograd("medcare::route_topk", _route_topk_backward, setup_context=_route_topk_setup)
     torch.library.register_autograd("medcare::orth_penalty", _orth_penalty_backward,
                                     setup_context=_orth_penalty_setup)
+    # The backward ops (called by both autograd routes) have no derivative: a double backward raises, never
+    # a silently missing second-order term.
+    for _op in ("route_topk_backward", "orth_penalty_backward"):
+        torch.library.register_autograd(f"medcare::{_op}", _no_second_order(_op))
     _backend.register("ext", "route_topk", route_topk)
     _backend.register("ext", "orth_penalty", orth_penalty)
 else:

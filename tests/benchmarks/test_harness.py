@@ -118,6 +118,7 @@ def test_ratio_table_adds_gpu_busy_columns_when_measured():
     assert "GPU busy" not in harness.ratio_table([harness.Record(provider="base", median_ms=1.0, **r)])
 
 
+@pytest.mark.slow  # every suite of run_all at its quick size, ~20 s on 2 cores
 def test_run_all_quick_writes_every_suite(tmp_path, capsys):
     """run_all end to end on the cheap suites (the training step's models are checked in test_providers)."""
     rc = run_all.main(["--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0", "--output", str(tmp_path),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -67,10 +68,24 @@ def orth(out_dir: str) -> None:
                        "sharded": [type(m.lora_a).__name__ for _, m in adapter_modules(model)][:1]}, f)
 
 
-if __name__ == "__main__":
+def main(command: str, out_dir: str) -> None:
+    """Runs `command` on every rank and ends the process group cleanly. A rank that destroyed its group while
+    its peer was still busy (rank 0 writing the results, or gloo work FSDP2 queued and never waited on) could
+    abort at exit with "terminate called without an active exception": gloo's threads were still alive. So every
+    rank waits at a barrier (gloo's barrier also waits for each rank's earlier pending work) before the group
+    goes; a rank that failed skips the barrier (its peer would wait for it forever) and the short timeout turns
+    the peer's wait into an error instead of a hang."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    finished = False
     try:
-        {"orth": orth}[sys.argv[1]](sys.argv[2])
+        {"orth": orth}[command](out_dir)
+        finished = True
     finally:
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

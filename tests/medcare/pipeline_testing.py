@@ -193,6 +193,23 @@ def run_train(argv) -> int:
     return train.main([str(a) for a in argv])
 
 
+def last_stderr_line(capfd) -> str:
+    """The last non-empty line a run wrote to stderr (after other output, e.g. a training run's), no traceback."""
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    return lines[-1]
+
+
+def user_error_line(capfd) -> str:
+    """How the CLI reports a user mistake: stderr is exactly one line, `medcare: error: ...`, no traceback."""
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("medcare: error: "), err
+    return lines[0]
+
+
 def pipeline_env(tmp_path_factory, tokenizer, name: str, n_records: int) -> dict:
     """A folder with a tiny Qwen2 base checkpoint and n_records training records: dict(root, base, data)."""
     root = tmp_path_factory.mktemp(name)

@@ -34,6 +34,8 @@ from medcare.checkpoint import ADAPTER_FILE, adapter_state, read_stage, save_sta
 from medcare.inject import adapter_modules
 from medcare.losses import orth_loss
 
+pytestmark = pytest.mark.slow  # torchrun: two processes each start Python, torch and transformers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(medcare.__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 # SGD: with AdamW, dividing by sqrt(v) turns the rounding noise of near-zero gradients (two processes sum in
@@ -41,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = ["--gradient_accumulation_steps", "1", "--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.5",
           "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
           "--disable_tqdm", "true", "--model_dtype", "float32", "--save_strategy", "no", "--seed", "3",
-          "--use_cpu", "true"]
+          "--use_cpu", "true", "--ddp_timeout", "120"]
 STAGE1 = ["--num_experts", "4", "--top_k", "2", "--expert_rank", "4", "--shared_rank", "8", "--attn_rank", "4",
           "--attn_alpha", "8", "--mlp_alpha", "8", "--attn_dropout", "0"]
 FSDP2 = ["--fsdp", "full_shard auto_wrap",

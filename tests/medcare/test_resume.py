@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 import medcare
 from medcare.checkpoint import ADAPTER_FILE, read_stage
 
+pytestmark = pytest.mark.slow  # each test SIGKILLs a training subprocess and resumes it in another
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(medcare.__file__)))
 
 # Runs medcare.train.main(argv) and kills its own process with SIGKILL at a chosen point:

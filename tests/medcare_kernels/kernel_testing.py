@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from unittest import mock
 
+import pytest
 import torch
 
 import medcare_kernels as mk
@@ -31,6 +33,39 @@ def backends_for(op: str, device: str = "cpu") -> list[str]:
         if op in _backend._registry[name] and _backend._runs_on(name, dev):
             names.append(name)
     return names
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gradcheck(backend: str, fn, inputs) -> bool:
+    """torch.autograd.gradcheck in float64 (eps 1e-6, atol 1e-6). Under the Triton interpreter the Triton backend
+    uses fast_mode: one random projection u^T J v, numerical vs analytical, instead of the full Jacobian (a
+    column per input element, each a Python-interpreted launch: 40 s instead of under 1 s). A wrong gradient
+    still fails it but for a measure-zero choice of u, v; the elementwise gradient checks against the
+    reference at every shape run beside it."""
+    return torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-6,
+                                    fast_mode=backend == "triton" and INTERPRETED)
+
+
+def slow_under_interpreter(backends: list[str]) -> list:
+    """`backends` as pytest params, the Triton one marked `slow` where it runs under TRITON_INTERPRET (each
+    kernel launch is Python, so a float64 gradcheck or a saved-memory count costs seconds to tens of seconds).
+    The fast tier still runs every Triton op against the reference at small shapes; the full suite runs these."""
+    return [pytest.param(b, marks=pytest.mark.slow) if b == "triton" and INTERPRETED else b for b in backends]
+
+
+def orth_model_spec(layers: int, rank: int, hidden: int, ffn: int) -> list[tuple[int, int, int]]:
+    """(r1, r2, Din) of every layer's gate/up (Din = hidden) and down (Din = ffn) projections: the pairs a
+    stage-2 model's orthogonality penalty sums over."""
+    return [(rank, rank, d) for _ in range(layers) for d in (hidden, hidden, ffn)]
+
+
+def orth_pairs(spec, dtype, device="cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(a_base, a_orth): leaf A matrices, one pair per (r1, r2, Din) of `spec`."""
+    a_base = [torch.randn(r1, d, dtype=dtype, device=device, requires_grad=True) for r1, _, d in spec]
+    a_orth = [torch.randn(r2, d, dtype=dtype, device=device, requires_grad=True) for _, r2, d in spec]
+    return a_base, a_orth
 
 
 def molora_inputs(T, d_in, d_out, E, R, Rs, *, dtype=torch.float32, device="cpu", bias=True, router_bias=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import call_backend
+from kernel_testing import call_backend, orth_model_spec, orth_pairs
 
 import medcare_kernels as mk
 from medcare_kernels import _backend, _ext, reference
@@ -17,17 +17,6 @@ from medcare_kernels import _backend, _ext, reference
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"extension not built: {_ext.LOAD_ERROR}")
 ops = torch.ops.medcare if _ext.HAS_EXT else None
 CUDA = torch.device("cuda")
-
-
-def _model_spec(layers, rank, hidden, ffn):
-    """(r1, r2, din) of every layer's gate/up (Din = hidden) and down (Din = ffn) projections."""
-    return [(rank, rank, d) for _ in range(layers) for d in (hidden, hidden, ffn)]
-
-
-def _pairs(spec, dtype, device="cpu"):
-    a_base = [torch.randn(r1, d, dtype=dtype, device=device, requires_grad=True) for r1, _, d in spec]
-    a_orth = [torch.randn(r2, d, dtype=dtype, device=device, requires_grad=True) for _, r2, d in spec]
-    return a_base, a_orth
 
 
 def _copies(tensors, device=None):
@@ -78,7 +67,26 @@ def test_route_topk_op_empty_and_gradcheck():
     assert gates.shape == (0, 6) and idx.shape == (0, 2) and stats.shape == (0, 2)
     logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ops.route_topk(t, 3)[0], (logits,))
-    assert torch.autograd.gradgradcheck is not None  # second order is not supported (the backward is an op)
+
+def test_second_order_gradients_raise_instead_of_silently_vanishing():
+    """The backward ops have no derivative: a double backward through the op (its registered autograd) or the
+    ext backend must raise, not return a gradient that silently misses the second-order term."""
+    logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    a, b = torch.randn(3, 7, requires_grad=True), torch.randn(2, 7, requires_grad=True)
+    firsts = {
+        "op route_topk": lambda: ops.route_topk(logits, 3)[0].square().sum(),
+        "op orth_penalty": lambda: ops.orth_penalty([a], [b])[0],
+    }
+    with mk.use_backend("ext"):
+        firsts["ext route_topk"] = lambda: mk.route_topk(logits, 3)[0].square().sum()
+        firsts["ext orth_penalty"] = lambda: mk.orth_penalty([a], [b])
+        for name, first in firsts.items():
+            grads = torch.autograd.grad(first(), [t for t in (logits, a, b) if t.requires_grad], create_graph=True,
+                                        allow_unused=True)
+            grad = next(g for g in grads if g is not None and g.requires_grad)
+            with pytest.raises(RuntimeError, match="has no derivative: second-order gradients"):
+                grad.square().sum().backward()
+                pytest.fail(f"{name}: a second-order backward did not raise")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,7 +127,7 @@ def test_route_topk_backward_op_rejects_bad_arguments():
 
 ORTH_SPECS = {
     "one-pair-din77": [(1, 1, 77)],
-    "84-pairs-mixed-widths": _model_spec(28, 4, 24, 40),
+    "84-pairs-mixed-widths": orth_model_spec(28, 4, 24, 40),
     "mixed-ranks": [(3, 5, 10), (4, 4, 9), (64, 2, 33), (1, 64, 77)],
     "rank64-long-din": [(64, 64, 2100), (16, 32, 1025)],
 }
@@ -149,13 +157,13 @@ def _orth_check(a_base, a_orth, *, need=(True, True), g=3.0):
 @pytest.mark.parametrize("spec", list(ORTH_SPECS.values()), ids=list(ORTH_SPECS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_orth_penalty_op_matches_reference(spec, dtype):
-    _orth_check(*_pairs(spec, dtype))
+    _orth_check(*orth_pairs(spec, dtype))
 
 
 def test_orth_penalty_op_frozen_side_gets_no_gradient():
-    a_base, a_orth = _pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
+    a_base, a_orth = orth_pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
     _orth_check([t.detach() for t in a_base], a_orth, need=(False, True))
-    a_base, a_orth = _pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
+    a_base, a_orth = orth_pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
     _orth_check(a_base, [t.detach() for t in a_orth], need=(True, False))
 
 
@@ -165,18 +173,18 @@ def test_orth_penalty_op_zero_product_and_empty_ranks():
     loss.backward()
     assert loss.item() == 0.0 and signs.tolist() == [0.0]
     assert a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0  # sign(0) = 0, as torch.abs
-    _orth_check(*_pairs([(0, 3, 5), (2, 2, 5)], torch.float32))
+    _orth_check(*orth_pairs([(0, 3, 5), (2, 2, 5)], torch.float32))
 
 
 def test_orth_penalty_op_gradcheck():
-    a_base, a_orth = _pairs([(3, 2, 6), (3, 5, 5), (1, 1, 77)], torch.float64)
+    a_base, a_orth = orth_pairs([(3, 2, 6), (3, 5, 5), (1, 1, 77)], torch.float64)
     n = len(a_base)
     assert torch.autograd.gradcheck(lambda *t: ops.orth_penalty(list(t[:n]), list(t[n:]))[0], (*a_base, *a_orth))
 
 
 def test_orth_penalty_opcheck():
     for spec, dtype in [(ORTH_SPECS["mixed-ranks"], torch.float32), ([(2, 3, 9)] * 3, torch.bfloat16)]:
-        a_base, a_orth = _pairs(spec, dtype)
+        a_base, a_orth = orth_pairs(spec, dtype)
         torch.library.opcheck(ops.orth_penalty.default, (a_base, a_orth))
         _, signs = ops.orth_penalty(a_base, a_orth)
         args = (torch.tensor(2.0), signs, [t.detach() for t in a_base], [t.detach() for t in a_orth])
@@ -218,7 +226,7 @@ def test_ext_backend_orth_gradients_accumulate_and_respect_frozen_sides():
     """The backend's own autograd.Function: a second backward adds onto the first (each .grad is a view of one
     buffer per side; accumulating into one must not touch its neighbours), and a frozen side gets nothing."""
     spec = ORTH_SPECS["mixed-ranks"]
-    a_base, a_orth = _pairs(spec, torch.float32)
+    a_base, a_orth = orth_pairs(spec, torch.float32)
     rb, ro = _copies(a_base), _copies(a_orth)
     for _ in range(2):
         call_backend("ext", mk.orth_penalty, a_base, a_orth).backward()
@@ -232,7 +240,7 @@ def test_ext_backend_orth_gradients_accumulate_and_respect_frozen_sides():
 
 def test_ext_backend_compiles_fullgraph():
     """torch.compile(fullgraph=True) traces the backend's autograd.Functions around the ops (fake impls)."""
-    a_base, a_orth = _pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
+    a_base, a_orth = orth_pairs(ORTH_SPECS["mixed-ranks"], torch.float32)
     logits = torch.randn(37, 8, requires_grad=True)
 
     def step(a_base, a_orth, logits):
@@ -299,11 +307,11 @@ def test_route_topk_cuda_opcheck_ties_and_limits():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec", list(ORTH_SPECS.values()) + [_model_spec(28, 32, 3584, 18944)],
+@pytest.mark.parametrize("spec", list(ORTH_SPECS.values()) + [orth_model_spec(28, 32, 3584, 18944)],
                          ids=list(ORTH_SPECS) + ["qwen2-7b-rank32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_orth_penalty_cuda_matches_reference_and_cpu_impl(spec, dtype):
-    a_base, a_orth = _pairs(spec, dtype, device=CUDA)
+    a_base, a_orth = orth_pairs(spec, dtype, device=CUDA)
     cpu_base, cpu_orth = _copies(a_base, "cpu"), _copies(a_orth, "cpu")
     _orth_check(a_base, a_orth)
     loss_cpu, signs_cpu = ops.orth_penalty(cpu_base, cpu_orth)
@@ -320,10 +328,10 @@ def test_orth_penalty_cuda_matches_reference_and_cpu_impl(spec, dtype):
 
 @pytest.mark.gpu
 def test_orth_penalty_cuda_is_deterministic_opchecks_and_limits():
-    a_base, a_orth = _pairs(_model_spec(4, 32, 3584, 18944), torch.float32, device=CUDA)
+    a_base, a_orth = orth_pairs(orth_model_spec(4, 32, 3584, 18944), torch.float32, device=CUDA)
     first = ops.orth_penalty(a_base, a_orth)[0]
     assert all(torch.equal(first, ops.orth_penalty(a_base, a_orth)[0]) for _ in range(5))
-    small_base, small_orth = _pairs(ORTH_SPECS["mixed-ranks"], torch.bfloat16, device=CUDA)
+    small_base, small_orth = orth_pairs(ORTH_SPECS["mixed-ranks"], torch.bfloat16, device=CUDA)
     torch.library.opcheck(ops.orth_penalty.default, (small_base, small_orth))
     _, signs = ops.orth_penalty(small_base, small_orth)
     args = (torch.tensor(2.0, device=CUDA), signs, [t.detach() for t in small_base], [t.detach() for t in small_orth])

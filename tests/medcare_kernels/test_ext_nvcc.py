@@ -26,6 +26,7 @@ def test_every_op_family_has_a_cuda_source():
     assert {p.stem for p in CU_FILES} >= {"route_topk_cuda", "orth_penalty_cuda"}
 
 
+@pytest.mark.slow  # nvcc, a few seconds a file
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 @pytest.mark.parametrize("source", CU_FILES, ids=[p.name for p in CU_FILES])
 def test_cu_compiles_for_sm90(source, tmp_path):

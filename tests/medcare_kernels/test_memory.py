@@ -13,6 +13,7 @@ from kernel_testing import (
     leaves,
     lora_inputs,
     molora_inputs,
+    slow_under_interpreter,
 )
 
 import medcare_kernels as mk
@@ -35,7 +36,7 @@ def saved_bytes_beyond_inputs(fn, inputs) -> tuple[int, int]:
     return sum(seen.values()), len(seen)
 
 
-@pytest.mark.parametrize("backend", backends_for("molora_linear"))
+@pytest.mark.parametrize("backend", slow_under_interpreter(backends_for("molora_linear")))
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_molora_saves_only_low_rank_activations_beyond_x(backend, dropout):
     T, d_in, d_out, E, K, R, Rs = 256, 256, 512, 8, 2, 4, 8
@@ -50,7 +51,7 @@ def test_molora_saves_only_low_rank_activations_beyond_x(backend, dropout):
     assert extra < T * d_in * elt, "a copy of x (e.g. a dropout mask or dropped-out x) is being kept"
 
 
-@pytest.mark.parametrize("backend", backends_for("molora_gate_up"))
+@pytest.mark.parametrize("backend", slow_under_interpreter(backends_for("molora_gate_up")))
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_molora_gate_up_saves_x_once_and_low_rank_activations(backend, dropout):
     T, d_in, d_out, E, K, R, Rs = 256, 256, 512, 8, 2, 4, 8
@@ -65,7 +66,7 @@ def test_molora_gate_up_saves_x_once_and_low_rank_activations(backend, dropout):
     assert extra < T * d_in * elt, "a copy of x (e.g. a dropout mask or dropped-out x) is being kept"
 
 
-@pytest.mark.parametrize("backend", backends_for("lora_linear"))
+@pytest.mark.parametrize("backend", slow_under_interpreter(backends_for("lora_linear")))
 def test_lora_saves_only_the_low_rank_activation_beyond_x(backend):
     T, d_in, d_out, R = 256, 256, 512, 16
     inputs = leaves(lora_inputs(T, d_in, d_out, R), trainable=(0, 3, 4))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import backends_for, call_backend
+from kernel_testing import backends_for, call_backend, orth_model_spec, orth_pairs
 
 import medcare_kernels as mk
 from medcare_kernels import reference
@@ -12,23 +12,12 @@ from medcare_kernels import reference
 BACKENDS = backends_for("orth_penalty")
 
 
-def _pairs(spec, dtype):
-    a_base = [torch.randn(r1, d, dtype=dtype, requires_grad=True) for r1, _, d in spec]
-    a_orth = [torch.randn(r2, d, dtype=dtype, requires_grad=True) for _, r2, d in spec]
-    return a_base, a_orth
-
-
-def _model_spec(layers, rank, hidden, ffn):
-    """Every layer's gate/up (Din = hidden) and down (Din = ffn) projections."""
-    return [(rank, rank, d) for _ in range(layers) for d in (hidden, hidden, ffn)]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec", [[(1, 1, 77)], _model_spec(28, 4, 24, 40), [(3, 5, 10), (4, 4, 9), (3, 5, 10)]],
+@pytest.mark.parametrize("spec", [[(1, 1, 77)], orth_model_spec(28, 4, 24, 40), [(3, 5, 10), (4, 4, 9), (3, 5, 10)]],
                          ids=["one-pair", "84-pairs", "mixed-ranks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_orth_penalty_matches_reference(backend, spec, dtype):
-    a_base, a_orth = _pairs(spec, dtype)
+    a_base, a_orth = orth_pairs(spec, dtype)
     rb = [t.detach().clone().requires_grad_() for t in a_base]
     ro = [t.detach().clone().requires_grad_() for t in a_orth]
     got = call_backend(backend, mk.orth_penalty, a_base, a_orth)
@@ -45,7 +34,7 @@ def test_orth_penalty_matches_reference(backend, spec, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_orth_penalty_frozen_base_and_gradcheck(backend):
-    a_base, a_orth = _pairs([(3, 2, 6), (3, 2, 5)], torch.float64)
+    a_base, a_orth = orth_pairs([(3, 2, 6), (3, 2, 5)], torch.float64)
     assert torch.autograd.gradcheck(lambda *t: call_backend(backend, mk.orth_penalty, t[:2], t[2:]),
                                     tuple(a_base + a_orth))
     frozen = [t.detach() for t in a_base]
@@ -64,7 +53,7 @@ def test_orth_penalty_sign_of_zero_is_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_orth_penalty_accumulates_in_fp32_under_autocast(backend):
-    a_base, a_orth = _pairs(_model_spec(2, 8, 64, 96), torch.float32)
+    a_base, a_orth = orth_pairs(orth_model_spec(2, 8, 64, 96), torch.float32)
     want = reference.orth_penalty(a_base, a_orth)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = call_backend(backend, mk.orth_penalty, a_base, a_orth)

@@ -94,6 +94,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a real Triton compile of every kernel config for sm_90 (ptxas), ~40 s on 2 cores
 @pytest.mark.skipif(not PTXAS, reason="this Triton wheel bundles no ptxas")
 def test_dropout_kernels_and_gemm2_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
