@@ -28,7 +28,10 @@ step), and non-finite adapters are never written. Under torchrun on CPU the gloo
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] not in COMMANDS:
             raise UserError(f"unknown command {argv[0]!r}; expected one of {', '.join(SUBCOMMANDS)} (see --help)")
         COMMANDS[argv[0]](argv[1:])
-        _close_process_group(finished=True)
+        close_process_group(finished=True)
         return 0
     except UserError as exc:  # ConfigError, DataError, CheckpointError, InjectionError, ... derive from it
         print(f"medcare: error: {exc}", file=sys.stderr)
@@ -62,20 +65,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medcare: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        _close_process_group(finished=False)
+        close_process_group(finished=False)
 
 
-def _close_process_group(finished: bool) -> None:
-    """Under torchrun the Trainer starts a process group; end it before the interpreter exits. Left alive, gloo's
-    threads can abort a rank at exit after a successful run ("terminate called without an active exception",
-    seen once in CI). After a successful run every rank gets here, so they first wait for each other; on an
-    error path a barrier could wait for a rank that is gone, so the group is only destroyed."""
+_closed_gloo_group = False
+
+
+def close_process_group(finished: bool) -> None:
+    """Under torchrun the Trainer starts a process group; end it before the interpreter exits. After a
+    successful run every rank gets here, so they first wait for each other (rank 0 may still be writing the
+    stage directory); on an error path a barrier could wait for a rank that is gone, so the group is only
+    destroyed. A no-op without a process group."""
+    global _closed_gloo_group
     if not (dist.is_available() and dist.is_initialized()):
         return
+    _closed_gloo_group = _closed_gloo_group or dist.get_backend() == "gloo"
     if finished:
         dist.barrier()
     dist.destroy_process_group()
 
 
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`. After a gloo process group, without the interpreter's final teardown: a gloo worker
+    thread can still hold a finished collective (a barrier holds the collectives before it) whose tensors have
+    Python objects; when it drops them during interpreter finalization it waits for the GIL, is torn down by
+    pthread_exit, and the process aborts ("terminate called without an active exception", SIGABRT, seen in
+    CI on a successful run; core dump: ~AsyncAllgatherCoalescedWork in ProcessGroupGloo::runLoop ->
+    decref_pyobject -> take_gil -> PyThread_exit_thread). Everything registered with atexit (logging, report
+    integrations) still runs first and the streams are flushed; only the finalization is skipped."""
+    if not _closed_gloo_group:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

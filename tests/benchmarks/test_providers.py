@@ -13,7 +13,6 @@ from benchmarks.providers import medcare as mc
 from benchmarks.providers.params import LoRAParams, MLPParams, MoLoRAParams, OrthParams
 from medcare_kernels import _backend
 
-pytest.importorskip("peft")
 CPU = torch.device("cpu")
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from medcare.inject import adapter_modules, apply_stage2  # noqa: E402
 from medcare.losses import OrthPenaltyCollector  # noqa: E402
+from medcare.train import close_process_group, exit_process  # noqa: E402
 
 VOCAB, KNOWLEDGE_RANK = 97, 8
 
@@ -68,13 +70,12 @@ def orth(out_dir: str) -> None:
                        "sharded": [type(m.lora_a).__name__ for _, m in adapter_modules(model)][:1]}, f)
 
 
-def main(command: str, out_dir: str) -> None:
-    """Runs `command` on every rank and ends the process group cleanly. A rank that destroyed its group while
-    its peer was still busy (rank 0 writing the results, or gloo work FSDP2 queued and never waited on) could
-    abort at exit with "terminate called without an active exception": gloo's threads were still alive. So every
-    rank waits at a barrier (gloo's barrier also waits for each rank's earlier pending work) before the group
-    goes; a rank that failed skips the barrier (its peer would wait for it forever) and the short timeout turns
-    the peer's wait into an error instead of a hang."""
+def main(command: str, out_dir: str) -> NoReturn:
+    """Runs `command` on every rank and ends the way `python -m medcare.train` does under torchrun: a barrier
+    (rank 0 may still be writing) and the group destroyed, then exit_process, which skips the interpreter
+    finalization that a gloo worker thread can abort (see medcare.train.exit_process). A rank that failed
+    skips the barrier (its peer would wait for it forever); the short timeout turns the peer's wait into an
+    error instead of a hang."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     finished = False
@@ -82,9 +83,8 @@ def main(command: str, out_dir: str) -> None:
         {"orth": orth}[command](out_dir)
         finished = True
     finally:
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
+        close_process_group(finished)
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,38 @@ def test_frozen_knowledge_under_fsdp1_is_refused(env, tmp_path, capfd):
     line = last_stderr_line(capfd)
     assert "FSDP1" in line and "--freeze_knowledge" in line, line
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ process exit
+EXIT_SCRIPT = r'''
+import atexit, sys, tempfile
+import torch.distributed as dist
+from medcare.train import close_process_group, exit_process
+atexit.register(lambda: print("atexit ran", flush=True))
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+dist.all_reduce(__import__("torch").ones(3))
+close_process_group(finished=True)
+assert not dist.is_initialized()
+print("closed", flush=True)
+exit_process(int(sys.argv[1]))
+'''
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_after_a_gloo_group_keeps_the_status_and_runs_atexit(code):
+    """exit_process skips only the interpreter finalization after a gloo group (the gloo-thread abort it avoids
+    is exercised by the torchrun tests); the exit status, atexit handlers and buffered output survive it."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(code)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.splitlines() == ["closed", "atexit ran"], proc.stdout + proc.stderr
+
+
+def test_exit_without_a_gloo_group_is_sys_exit(monkeypatch):
+    from medcare import train
+
+    monkeypatch.setattr(train, "_closed_gloo_group", False)
+    with pytest.raises(SystemExit) as exc:
+        train.exit_process(2)
+    assert exc.value.code == 2
