@@ -13,7 +13,7 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // pure-CUDA launchers never see a torch type.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// Router and penalty limits (DESIGN: E <= 64 experts, K <= 8, adapter ranks <= 64).
+// Router and penalty limits (docs/design.md; E <= 64 experts, K <= 8, adapter ranks <= 64).
 constexpr int kMaxExperts = 64;
 constexpr int kMaxTopK = 8;
 constexpr int kMaxOrthRank = 64;

@@ -1,5 +1,5 @@
 // Conversions between the parameter dtypes and the accumulation type, shared by the .cu files.
-// CUDA headers only (DESIGN §5): nvcc checks the files that include it without torch.
+// CUDA headers only: nvcc checks the files that include it without torch.
 #pragma once
 
 #include <cuda_bf16.h>

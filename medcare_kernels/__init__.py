@@ -11,7 +11,7 @@
     use_backend(name)       auto | torch | triton | ext (also $MEDCARE_KERNELS_BACKEND)
     resolved_backend(op, device)  the backend a call of op on device would run on now
 
-The math is in `medcare_kernels.reference`; the packed layout and shapes in the README and DESIGN.
+The math is in `medcare_kernels.reference`; the packed layout and shapes in docs/design.md.
 Bad arguments raise ValueError naming the argument. Under torch.autocast the GEMMs run in the autocast
 dtype (router math stays fp32); gradients come back in each parameter's own dtype.
 """

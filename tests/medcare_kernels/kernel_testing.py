@@ -1,4 +1,4 @@
-"""Helpers for kernel tests: input builders, the tolerance rule of DESIGN §5, and the backends under test."""
+"""Helpers for kernel tests: input builders, the tolerance rule of docs/design.md §5, and the backends under test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import medcare_kernels as mk
 from medcare_kernels import _backend, reference
 
-# Odd shapes on purpose: T=1, Din=77, Dout=130, E=1, K=E, Rs=0 (DESIGN §5).
+# Odd shapes on purpose: T=1, Din=77, Dout=130, E=1, K=E, Rs=0 (docs/design.md §5).
 # (T, Din, Dout, E, K, R, Rs)
 MOLORA_SHAPES = [
     (1, 16, 24, 4, 2, 4, 8),
@@ -126,7 +126,7 @@ def max_err(a: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def assert_within_rule(name: str, fused: torch.Tensor, same_dtype_ref, truth: torch.Tensor):
-    """DESIGN §5: the fused error is at most 2x the same-dtype PyTorch error against float64, plus one ulp
+    """docs/design.md §5: the fused error is at most 2x the same-dtype PyTorch error against float64, plus one ulp
     of the output's scale (so exact reference results do not demand exact fused results).
 
     `same_dtype_ref` may be a tuple of equally valid same-dtype evaluations (e.g. with the reduction order
@@ -165,7 +165,7 @@ MOLORA_DIN_POSITIONS = (0, 1, 3, 5)  # x, weight, router_weight, lora_a
 
 
 def assert_matches_reference(fused, ref, base, *, dtype, trainable, din_positions, names, out_names=("y",)):
-    """DESIGN §5 on y and every trainable gradient: `fused` on `base` cast to `dtype` against the same-dtype
+    """docs/design.md §5 on y and every trainable gradient: `fused` on `base` cast to `dtype` against the same-dtype
     reference (also with the Din reductions reversed) and the float64 reference. Returns fused's gradients.
     With several out_names, fused and ref return that many outputs and each is held to the rule."""
     y, grads, g = run_with_grads(fused, leaves(base, dtype=dtype, trainable=trainable))

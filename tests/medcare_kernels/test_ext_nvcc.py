@@ -2,7 +2,7 @@
 alone, and the whole extension with its CUDA bindings through CMakeLists.txt (the route that compiles and
 links against a CPU-only torch).
 
-The .cu files include only CUDA headers (DESIGN §5), so this needs the CUDA toolkit but neither a GPU nor a
+The .cu files include only CUDA headers, so this needs the CUDA toolkit but neither a GPU nor a
 CUDA build of torch; it catches kernel compile errors in CI, where the extension itself is built CPU-only.
 Skipped where nvcc (or cmake and ninja) are not installed.
 """

@@ -33,7 +33,7 @@ BACKEND_GEMM = [(b, "auto") for b in BACKENDS] + [("triton", g) for g in ("cubla
                                                  if "triton" in BACKENDS]
 NAMES, TRAINABLE, DIN_POSITIONS = GATE_UP_NAMES, GATE_UP_TRAINABLE, GATE_UP_DIN_POSITIONS
 OUTS = ("y_gate", "y_up")
-# (T, Din, Dout, E, K, R, Rs_gate, Rs_up): the odd shapes of DESIGN §5 (T=1, Din=77, Dout=130, E=1, K=E, Rs=0),
+# (T, Din, Dout, E, K, R, Rs_gate, Rs_up): the odd shapes of docs/design.md §5 (T=1, Din=77, Dout=130, E=1, K=E, Rs=0),
 # with the two projections' shared ranks differing where they can.
 # On these tiny shapes the rule compares max errors of a few ulps, and some draws land a fused gradient just past
 # 2x a lucky reference error. Over data seeds 0-7 of this grid, 0, 1 and 2 put one gradient of one case past the
