@@ -361,4 +361,5 @@ def fit(model, tokenizer, dataset, targs, meta: dict, *, resume: str | None = No
         remove_partial_checkpoints(targs.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(targs.output_dir)
+    trainer.save_state()  # trainer_state.json beside the adapters: the run's log_history (loss, orth_loss, ...)
     return trainer.state.log_history

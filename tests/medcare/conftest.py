@@ -1,12 +1,10 @@
 """Offline tokenizers for the training-layer tests: a tiny byte-level BPE trained here (English + CJK), with
-the ChatML special tokens, wrapped as a Hugging Face fast tokenizer. Never touches the hub. Also the
-`captured_logs` fixture: what the trainer logs, for the tests that run the CLI."""
+the ChatML special tokens, wrapped as a Hugging Face fast tokenizer. Never touches the hub. (What a run
+logged is read from its output directory: pipeline_testing.logged_steps.)"""
 
 from __future__ import annotations
 
 import pytest
-
-from medcare import trainer as trainer_mod
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -67,17 +65,3 @@ def template_tokenizer():
 def make_test_tokenizer():
     """`make_tokenizer` itself, for variants (other templates, no ChatML tokens, no pad token)."""
     return make_tokenizer
-
-
-@pytest.fixture
-def captured_logs(monkeypatch):
-    """Every dict the trainer logs (loss, orth_loss, ...), in order."""
-    logs: list[dict] = []
-
-    class Capturing(trainer_mod.MedCareTrainer):
-        def log(self, values, start_time=None):
-            super().log(values, start_time)
-            logs.append(dict(values))
-
-    monkeypatch.setattr(trainer_mod, "MedCareTrainer", Capturing)
-    return logs

@@ -193,6 +193,14 @@ def run_train(argv) -> int:
     return train.main([str(a) for a in argv])
 
 
+def logged_steps(output_dir) -> list[dict]:
+    """The per-step log entries (loss, orth_loss, expert_load_cv, ...) of a run, as it saved them in its output
+    directory (trainer_state.json's log_history); the end-of-run summary is left out."""
+    with open(os.path.join(str(output_dir), "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    return [entry for entry in history if "loss" in entry and "train_loss" not in entry]
+
+
 def last_stderr_line(capfd) -> str:
     """The last non-empty line a run wrote to stderr (after other output, e.g. a training run's), no traceback."""
     err = capfd.readouterr().err

@@ -15,6 +15,7 @@ from pipeline_testing import (
     fabricate_official_stage1,
     input_ids,
     last_stderr_line,
+    logged_steps,
     logits,
     one_thread,
     randomize_adapters,
@@ -90,26 +91,22 @@ def env(tmp_path_factory, chatml_tokenizer):
                 stage1_llama=stage1_dirs["llama"], stage2=stage2, vocab=vocab)
 
 
-def step_losses(logs) -> list[dict]:
-    return [entry for entry in logs if "loss" in entry and "train_loss" not in entry]
-
-
 # ----------------------------------------------------------------------------------------------- e2e
-def test_stage1_stage2_export_end_to_end(env, tmp_path, captured_logs, capfd):
+def test_stage1_stage2_export_end_to_end(env, tmp_path, capfd):
     s1, s2, out = tmp_path / "s1", tmp_path / "s2", tmp_path / "exported"
     assert run_train(["stage1", "--model", env["base"], "--data", env["data"], "--output", s1, *STAGE1_ADAPTERS,
                       *FAST]) == 0
-    stage1_logs = step_losses(captured_logs)
-    captured_logs.clear()
-    assert sorted(os.listdir(s1)) == [ADAPTER_FILE, "expert_usage.json", "expert_usage.png", MANIFEST_FILE]
+    stage1_logs = logged_steps(s1)
+    assert sorted(os.listdir(s1)) == [ADAPTER_FILE, "expert_usage.json", "expert_usage.png", MANIFEST_FILE,
+                                      "trainer_state.json"]
     stage1 = read_stage(str(s1), expect_stage=1)
     assert stage1.stage1.num_experts == 4 and stage1.stage1.shared_rank == 8
     assert all(torch.count_nonzero(v) > 0 for k, v in stage1.tensors.items() if k.endswith("lora_b"))
 
     assert run_train(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output", s2,
                       "--rank", "8", *FAST]) == 0
-    stage2_logs = step_losses(captured_logs)
-    assert sorted(os.listdir(s2)) == [ADAPTER_FILE, MANIFEST_FILE]
+    stage2_logs = logged_steps(s2)
+    assert sorted(os.listdir(s2)) == [ADAPTER_FILE, MANIFEST_FILE, "trainer_state.json"]
     stage2 = read_stage(str(s2), expect_stage=2)
     assert {"stage", "stage1", "stage2", "stage1_dir", "base_model"} <= set(stage2.meta)
     assert {k.rsplit(".", 2)[1] for k in stage2.tensors} == {"attention", "knowledge", "alignment"}
@@ -155,10 +152,10 @@ def data_loss(model, batch) -> float:
     return float(model(**batch).loss)
 
 
-def test_orth_loss_is_logged_and_falls_with_a_large_lambda(env, tmp_path, captured_logs):
+def test_orth_loss_is_logged_and_falls_with_a_large_lambda(env, tmp_path):
     assert run_train(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
                       "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "50", *FAST]) == 0
-    logs = step_losses(captured_logs)
+    logs = logged_steps(tmp_path / "s2")
     assert len(logs) == 8 and all("orth_loss" in e for e in logs)
     orth = [e["orth_loss"] for e in logs]
     assert orth[0] > 1.0
@@ -168,10 +165,10 @@ def test_orth_loss_is_logged_and_falls_with_a_large_lambda(env, tmp_path, captur
     assert all(e["loss"] > 50 * e["orth_loss"] for e in logs)
 
 
-def test_no_orth_loss_logged_without_the_penalty(env, tmp_path, captured_logs):
+def test_no_orth_loss_logged_without_the_penalty(env, tmp_path):
     assert run_train(["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"],
                       "--output", tmp_path / "s2", "--rank", "8", "--orth_lambda", "0", "--max_steps", "2", *FAST]) == 0
-    logs = step_losses(captured_logs)
+    logs = logged_steps(tmp_path / "s2")
     assert logs and not any("orth_loss" in e for e in logs)
     assert all(e["loss"] < 10 for e in logs)  # plain CE of a tiny random model (~ln 477 = 6.2)
 
@@ -396,6 +393,30 @@ def test_stage2_after_a_partial_stage1_uses_or_names_its_targets(env, tmp_path, 
     # With matching targets it works.
     assert run_train(["stage2", "--model", env["base"], "--stage1", s1, "--data", env["data"], "--output",
                       tmp_path / "s2b", "--targets", "up_proj", "--max_steps", "1", *FAST]) == 0
+
+
+def test_help_lists_the_subcommands_and_how_to_get_their_options(capsys):
+    from medcare import train
+
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "subcommands: demo, stage1, stage2, export" in out
+    assert "`python -m medcare.train SUBCOMMAND --help` lists its options" in out
+
+
+def test_options_without_a_subcommand_go_to_the_demo(tmp_path, capfd):
+    """`python -m medcare.train --output DIR` is the demo with that option (checked here on its refusal of a
+    non-empty directory, before anything is built); an option the demo lacks is one line naming the demo."""
+    from medcare import train
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    assert train.main(["--output", str(tmp_path / "taken")]) == 2
+    assert "already exists and is not empty" in user_error_line(capfd)
+    assert train.main(["--learning_rate", "1"]) == 2
+    line = user_error_line(capfd)
+    assert "--learning_rate" in line and "python -m medcare.train demo --help" in line, line
+    assert os.listdir(tmp_path) == ["taken"]
 
 
 def test_a_non_empty_output_is_never_overwritten(env, tmp_path, capfd):

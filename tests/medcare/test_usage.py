@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
-from pipeline_testing import one_thread, randomize_adapters, records, save_base, stage1_config, tiny_model, write_jsonl
+from pipeline_testing import (
+    logged_steps,
+    one_thread,
+    randomize_adapters,
+    records,
+    save_base,
+    stage1_config,
+    tiny_model,
+    write_jsonl,
+)
 from transformers import AutoTokenizer
 
 from medcare import inspect as inspect_mod
 from medcare import train as train_mod
+from medcare import trainer as trainer_mod
 from medcare import usage
 from medcare.data import SupervisedDataset, load_records
 from medcare.inject import adapter_modules, apply_stage1
@@ -298,7 +309,7 @@ def stage1(env, out, *extra) -> int:
                            *map(str, extra)])
 
 
-def test_a_stage1_run_leaves_its_usage_report_and_heatmap(env, tmp_path, captured_logs, capsys):
+def test_a_stage1_run_leaves_its_usage_report_and_heatmap(env, tmp_path, capsys):
     out = tmp_path / "s1"
     assert stage1(env, out, "--num_train_epochs", "2", "--save_strategy", "no") == 0
     printed = capsys.readouterr().out
@@ -312,7 +323,7 @@ def test_a_stage1_run_leaves_its_usage_report_and_heatmap(env, tmp_path, capture
         assert entry["tokens"] == 2 * env["real_tokens"]
         assert sum(entry["counts"]) == K * entry["tokens"]
     assert "expert load balance" in printed and "layer   1: cv" in printed
-    steps = [entry for entry in captured_logs if "loss" in entry and "train_loss" not in entry]
+    steps = logged_steps(out)
     assert steps and all("expert_load_cv" in entry and "router_aux_loss" not in entry for entry in steps)
     assert steps[-1]["expert_load_cv"] == pytest.approx(report["summary"]["mean_cv"], abs=1e-4)
 
@@ -337,13 +348,30 @@ def test_resumed_counts_continue_from_the_checkpoint(env, tmp_path):
         assert got["modules"][name]["pairs"] == entry["pairs"]
 
 
-def test_the_aux_loss_flag_balances_the_routers(env, tmp_path, captured_logs):
+def test_usage_counts_are_inside_a_checkpoint_before_it_is_published(env, tmp_path, monkeypatch):
+    """A checkpoint becomes visible by one rename; the counts a resume needs must already be inside it then
+    (written after the rename, a kill in between left a complete-looking checkpoint without them)."""
+    published = []
+    real = trainer_mod.publish_checkpoint
+
+    def spy(staging, final):
+        published.append((os.path.basename(final), sorted(os.listdir(staging))))
+        real(staging, final)
+
+    monkeypatch.setattr(trainer_mod, "publish_checkpoint", spy)
+    out = tmp_path / "s1"
+    assert stage1(env, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1") == 0
+    assert [name for name, _ in published] == ["checkpoint-1", "checkpoint-2"]
+    assert all(usage.USAGE_FILE in files for _, files in published), published
+    assert (out / "checkpoint-2" / usage.USAGE_FILE).is_file()
+
+
+def test_the_aux_loss_flag_balances_the_routers(env, tmp_path):
     """A strong load-balancing loss (and nothing else changed) lowers the load cv of the run."""
     def last_cv(out, *flags) -> tuple[float, list[dict]]:
-        captured_logs.clear()
         assert stage1(env, out, "--num_train_epochs", "6", "--save_strategy", "no", "--learning_rate", "5e-2",
                       *flags) == 0
-        return usage.read_report(str(out)), [e for e in captured_logs if "loss" in e and "train_loss" not in e]
+        return usage.read_report(str(out)), logged_steps(out)
 
     plain, plain_logs = last_cv(tmp_path / "plain")
     balanced, logs = last_cv(tmp_path / "balanced", "--router_aux_loss_coef", "5")
