@@ -17,6 +17,8 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+import medcare_kernels as mk
+
 from .checkpoint import MANIFEST_FILE
 from .config import ConfigError, Stage1Config, Stage2Config
 from .loading import DTYPES, UserError, bf16_ok
@@ -218,8 +220,6 @@ def _output_problems(run: RunArguments, targs, resume: str | None) -> list[str]:
 
 def check_backend() -> None:
     """A bad MEDCARE_KERNELS_BACKEND is a user error found before any model loads, not mid-training."""
-    import medcare_kernels as mk
-
     try:
         name = mk.current_backend()
     except ValueError as exc:
