@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -176,7 +177,12 @@ def convert(gguf_path: str, spec: GGUFModel, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
     loaded, tokenizer = load_gguf(gguf_path)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The weights are plain float32 now: a leftover quantization_config would make the Trainer refuse to
+    # fine-tune the model ("purely quantized") and loaders look for the GGUF file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(out, safe_serialization=True)

