@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import importlib.util
 import json
 import os
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
-from .files import publish_dir
+from .files import publish_dir, sha256_file
 from .loading import CommandParser, UserError
 
 MANIFEST = "medcare_base.json"
@@ -65,14 +64,6 @@ def cache_root() -> str:
     if os.environ.get("MEDCARE_CACHE"):
         return os.environ["MEDCARE_CACHE"]
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "medcare")
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def smollm2(source: str | None = None, cache: str | None = None) -> str:

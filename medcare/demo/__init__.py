@@ -30,9 +30,9 @@ from ..checkpoint import read_stage
 from ..data import load_records
 from ..loading import CommandParser, UserError
 from ..pipeline import COMMANDS
+from ..prompts import is_chinese
 from ..stage_model import build_stage_model
 from ..usage import read_report
-from .make_data import is_chinese
 from .tokenizer import qwen2_tokenizer
 
 DATA_FILES = ("stage1.jsonl", "stage2.jsonl", "eval.jsonl")
