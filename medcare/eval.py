@@ -24,7 +24,13 @@ Scoring modes:
   * generate: greedy generation (batched; a row stops once its answer sentence is complete, or at
     --max-new-tokens), then the paper's extraction ("The answer is X" / "答案为X", the last one);
     when nothing matches, a second pass appends the answer prefix to the response and picks the most
-    likely candidate (the paper's forced-letter pass).
+    likely candidate (the paper's forced-letter pass). Where the option texts are known, the report also gives
+    how often the reply names the right option first, whatever letter it gives (named_accuracy).
+  * cloze: no letters at all: the question alone is the prompt, and the option whose text, as the whole reply,
+    has the highest log-likelihood per UTF-8 byte wins (lm-evaluation-harness's acc_norm). Models below a
+    billion parameters or so cannot bind answers to letters (their letter choice stays near chance even after
+    a reply that states the right answer), so this is how their knowledge is read. Single-answer questions
+    whose option texts are known (plain records; original-format questions with one option per line).
 An item is correct when the predicted letter set equals the answer set exactly. The report gives accuracy
 overall, per task and per type, and every item's prediction.
 """
@@ -54,11 +60,15 @@ from .prompts import EN_INSTRUCTION, SENTENCE_END, ZH_INSTRUCTION, is_chinese, m
 from .stage_model import build_stage_model
 
 _OPTION_LINE = re.compile(r"^\s*[(（]?([A-Z])\s*(?:[)）.．、:：]|\s)", re.M)
+_OPTION_TEXT = re.compile(r"^\s*[(（]?([A-Z])\s*[)）.．、:：]\s*(\S.*?)\s*$", re.M)
 _MARKERS = re.compile(r"答案[为是][:：]?|the[ \t]+answer[ \t]+is[ \t]*:?", re.I)
 
 
 class EvalError(UserError):
     """Unusable evaluation data, model or arguments: reported as one line, exit status 2."""
+
+
+MODES = ("loglik", "generate", "cloze")
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -73,6 +83,9 @@ class Item:
     letters: str                     # the option letters, in order: "ABCD"
     answer: str                      # the correct letters, sorted: "B", "AC"
     lang: str                        # "en" | "zh": the answer prefix and sentence end
+    # cloze scoring: the question alone (system turn kept) and each option's text; empty when not known
+    bare: list[dict[str, str]] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
 
 
 def _letters(value, where: str) -> str:
@@ -103,7 +116,7 @@ def _plain_item(r: dict, where: str, stem: str) -> Item:
     lang = "zh" if is_chinese(question) else "en"
     messages = [{"role": "user", "content": mcq_prompt(question, options, lang)}]
     return Item(str(r.get("id", where)), str(r.get("task") or stem), str(r.get("type") or "-"), messages,
-                "".join(options), answer, lang)
+                "".join(options), answer, lang, [{"role": "user", "content": question}], options)
 
 
 def _turns(r: dict) -> list[dict[str, str]] | None:
@@ -130,11 +143,17 @@ def _original_item(r: dict, where: str, stem: str) -> Item:
     if set(answer) - set(letters):
         raise EvalError(f"{where}: answer {answer!r} is not among the options {letters} found in the question")
     lang = "zh" if is_chinese(question) else "en"
+    options = {m[1]: m[2].strip() for m in _OPTION_TEXT.finditer(question)}
+    first = _OPTION_TEXT.search(question)
+    bare = question[:first.start()].strip() if first else ""
+    if set(options) != set(letters) or not bare:  # options not on lines of their own: no cloze scoring
+        options, bare = {}, ""
     if "答案为" not in question and "The answer is" not in question:
         question = f"{question}\n\n{ZH_INSTRUCTION if lang == 'zh' else EN_INSTRUCTION}"
     task = info.get("task_dataset") or info.get("task") or r.get("task") or stem
     return Item(str(info.get("sample_id", r.get("id", where))), str(task), str(info.get("type") or "-"),
-                [*system, {"role": "user", "content": question}], letters, answer, lang)
+                [*system, {"role": "user", "content": question}], letters, answer, lang,
+                [*system, {"role": "user", "content": bare}] if bare else [], options)
 
 
 def to_item(r, where: str, stem: str) -> Item:
@@ -201,6 +220,14 @@ def extract_answer(text: str, letters: str) -> str | None:
         elif found and tok not in ",，、和与及()（）[]【】&/+:：" and not tok.isascii():
             break
     return "".join(sorted(set(found))) or None
+
+
+def named_option(reply: str, options: dict[str, str]) -> str | None:
+    """The letter of the option whose text the reply names first (case-insensitive; at one position the
+    longer text wins), or None: what the reply says the answer is, whatever letter it then gives."""
+    text = reply.casefold()
+    found = [(text.find(o.casefold()), -len(o), letter) for letter, o in options.items() if o and o.casefold() in text]
+    return min(found)[2] if found else None
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -281,6 +308,34 @@ def loglik_predict(model, tokenizer, items: list[Item], contexts: list[str], max
     return scores
 
 
+def cloze_predict(model, tokenizer, items: list[Item], batch_size: int, device, progress: bool = True
+                  ) -> list[dict[str, float]]:
+    """Per item, letter -> log-likelihood per UTF-8 byte of that option's text as the whole reply to the bare
+    question (no options shown, no answer format asked): the cloze formulation, which reads what a model knows
+    without asking it to bind answers to letters (small models cannot: their letter choice is near chance
+    even when their reply states the right answer)."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows, sizes = [], []
+    for i, item in enumerate(items):
+        context = render_prompt(tokenizer, item.bare)
+        ctx = encode(context)
+        for letter, text in item.options.items():
+            full = encode(context + text)
+            n = next((k for k, (a, b) in enumerate(zip(ctx, full, strict=False)) if a != b), min(len(ctx), len(full)))
+            rows.append(_Row(full, len(full) - max(n, 1), i, [(letter, -1)]))
+            sizes.append(max(len(text.encode("utf-8")), 1))
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
+    scores: list[dict[str, float]] = [{} for _ in items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with tqdm(total=len(rows), desc="medcare.eval (cloze)", unit="seq", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for j, value in zip(batch, _score_rows(model, [rows[j] for j in batch], pad_id, device), strict=True):
+                scores[rows[j].item][rows[j].cands[0][0]] = value / sizes[j]
+            bar.update(len(batch))
+    return scores
+
+
 class AnswerSentenceStop(StoppingCriteria):
     """Stops a row once its reply has completed an answer sentence ("The answer is B." / "答案为B。": the marker,
     then the end of that sentence or line): the paper's replies end there, so the tokens after it are waste."""
@@ -337,6 +392,13 @@ class EvalResult:
     def accuracy(self) -> float:
         return sum(r["correct"] for r in self.records) / max(len(self.records), 1)
 
+    @property
+    def named_accuracy(self) -> float | None:
+        """generate mode, questions with known option texts: the share whose reply names the right option first
+        (named_option); None when no record has one."""
+        named = [r for r in self.records if "named" in r]
+        return sum(r["named"] == r["answer"] for r in named) / len(named) if named else None
+
     def groups(self, key: str) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for r in self.records:
@@ -350,6 +412,7 @@ class EvalResult:
     def report(self, **meta) -> dict:
         return {**meta, "mode": self.mode, "answer_space": self.answer_space, "n": len(self.records),
                 "correct": sum(r["correct"] for r in self.records), "accuracy": self.accuracy,
+                "named_accuracy": self.named_accuracy,
                 "by_task": self.groups("task"), "by_type": self.groups("type"), "seconds": round(self.seconds, 2),
                 "items": self.records}
 
@@ -360,6 +423,11 @@ class EvalResult:
             groups = self.groups(key)
             lines.append(f"  by {key}")
             lines += [_line("  " + name, g["n"], g["correct"]) for name, g in sorted(groups.items())]
+        if self.named_accuracy is not None:
+            named = [r for r in self.records if "named" in r]
+            lines.append(f"  the reply names the right option first (whatever letter it gives): "
+                         f"{sum(r['named'] == r['answer'] for r in named)}/{len(named)}, "
+                         f"{100 * self.named_accuracy:.1f}%")
         return "\n".join(lines)
 
 
@@ -371,14 +439,22 @@ def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_si
              max_new_tokens: int = 512, progress: bool = True, answer_size: int | None = None) -> EvalResult:
     """Score `items` with `model` (in eval mode, on its own device); see the module docstring for the modes.
     `answer_size`: the largest letter set loglik scoring considers (default: the largest answer in `items`)."""
-    if mode not in ("loglik", "generate"):
-        raise EvalError(f"--mode must be loglik or generate, got {mode!r}")
+    if mode not in MODES:
+        raise EvalError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
     t0, device = time.time(), next(model.parameters()).device
     model.eval()
     max_size = answer_size or max(len(i.answer) for i in items)
     space = "option letters" if max_size == 1 else f"letter sets of up to {max_size} options (multi-answer data)"
+    if mode == "cloze":
+        unfit = next((i for i in items if len(i.answer) > 1 or not i.options), None)
+        if unfit is not None:
+            raise EvalError(f"question {unfit.id}: cloze scoring needs single-answer questions whose option texts "
+                            f"are known (options on lines of their own); use --mode loglik or generate")
+        scores = cloze_predict(model, tokenizer, items, batch_size, device, progress)
+        return _result(mode, "option texts (log-likelihood per byte)", items, [max(s, key=s.get) for s in scores],
+                       [None] * len(items), ["cloze"] * len(items), t0)
     prompts = [render_prompt(tokenizer, i.messages) for i in items]
     responses: list[str | None] = [None] * len(items)
     preds: list[str | None] = [None] * len(items)
@@ -396,12 +472,18 @@ def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_si
                                 progress, "loglik" if mode == "loglik" else "forced answer pass")
         for j, s in zip(todo, scores, strict=True):
             preds[j] = max(s, key=s.get)
+    return _result(mode, space, items, preds, responses, how, t0)
+
+
+def _result(mode: str, space: str, items: list[Item], preds, responses, how, t0: float) -> EvalResult:
     result = EvalResult(mode, space, seconds=0.0)
     for j, item in enumerate(items):
         rec = {"id": item.id, "task": item.task, "type": item.type, "answer": item.answer, "prediction": preds[j],
                "correct": preds[j] == item.answer, "extracted_by": how[j]}
         if responses[j] is not None:
             rec["response"] = responses[j]
+            if item.options:
+                rec["named"] = named_option(responses[j], item.options)
         result.records.append(rec)
     result.seconds = time.time() - t0
     return result
@@ -427,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stage-dir", default=None, help="a stage-1 or stage-2 directory to apply to --model")
     ap.add_argument("--output", default=None, help="write the JSON report here (refused if it exists)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
-    ap.add_argument("--mode", default="loglik", choices=("loglik", "generate"), help="scoring (default loglik)")
+    ap.add_argument("--mode", default="loglik", choices=MODES, help="scoring (default loglik)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward / generate call (default 8)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="generate mode: reply length limit (default 256)")

@@ -1,17 +1,21 @@
-"""The bundled demo: a tiny Qwen2-architecture model taken through MedCare's whole pipeline on CPU.
+"""The bundled demo: a pretrained LLM taken through MedCare's whole pipeline, with what each stage changed.
 
     python -m medcare.train                     # writes ./medcare-demo (or -2, -3, ... if taken)
     python -m medcare.train demo --output DIR
-    python -m medcare.train demo --base smollm2     # the pretrained SmolLM2-135M-Instruct (medcare.base_model)
+    python -m medcare.train demo --tiny         # a tiny random model instead: the pipeline smoke run (CI)
 
-It copies the bundled medical data (medcare/demo/*.jsonl, English and Chinese: stage 1 mixes knowledge
-multiple-choice questions with alignment tasks, stage 2 has alignment tasks only) to <output>/data, saves a
-randomly initialised tiny Qwen2 model with the real Qwen2 tokenizer as a normal Hugging Face checkpoint in
-<output>/base, runs stage 1, stage 2 and export with exactly the commands it prints, checks that the
-exported plain checkpoint computes what the stage-2 adapters compute, evaluates the base model and the export
-on the bundled held-out multiple-choice questions (medcare.eval), and prints a summary with both accuracies
-and the expert usage stage 1 counted. With `--base smollm2` the base is the pretrained SmolLM2-135M-Instruct
-(converted once by medcare.base_model, not copied into <output>) and the data its English half.
+The base is SmolLM2-135M-Instruct (converted once by medcare.base_model into a cache, not copied into
+<output>), the data the English half of the bundled medical data (medcare/demo/*.jsonl, written by
+medcare.demo.make_data: stage 1 teaches facts in multiple-choice questions mixed with alignment tasks, stage 2
+has alignment tasks only, and the held-out questions ask stage 1's facts in other words with fresh
+distractors). It copies the data to <output>/data, runs stage 1, stage 2 and export with exactly the commands
+it prints, checks that the exported plain checkpoint computes what the stage-2 adapters compute, scores the
+base, stage 1 (routed experts dropped, as the paper deploys it) and the export on the held-out questions by
+generation (the paper's protocol: the answer read from the reply, a forced letter when there is none) and by
+log-likelihood (medcare.eval), and prints a table of the accuracies beside the losses, the orthogonality
+penalty, the time of each step and the expert load. On a GPU the same command trains and evaluates there.
+With `--tiny` the base is a randomly initialised 2-layer Qwen2 with the real Qwen2 tokenizer, saved in
+<output>/base, on the English and Chinese data: nothing is learned, the pipeline runs in about 2 minutes.
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ TRAIN_FLAGS = ["--per_device_train_batch_size", "4", "--gradient_accumulation_st
                "--warmup_steps", "0.1", "--dataloader_num_workers", "0"]
 # Per base: the pretrained model gets a smaller learning rate (its weights already mean something) and logs
 # more often (its English stage 1 is 19 steps an epoch).
-BASE_FLAGS = {"tiny": ["--learning_rate", "5e-3", "--logging_steps", "5"],
-              "smollm2": ["--learning_rate", "1e-3", "--logging_steps", "2"]}
+BASE_FLAGS = {"tiny": ["--learning_rate", "5e-3", "--logging_steps", "5", "--num_train_epochs", "2"],
+              "smollm2": ["--learning_rate", "1e-3", "--logging_steps", "2", "--num_train_epochs", "2"]}
 
 
 def _run(argv: list[str]):
@@ -102,16 +106,21 @@ def expert_load(stage1: str) -> torch.Tensor:
     return counts / counts.sum().clamp_min(1)
 
 
-def evaluate_models(models: dict[str, str], eval_path: str) -> dict[str, float]:
-    """Multiple-choice accuracy (loglik scoring) of each named model directory on the held-out questions;
-    the key "questions" holds how many there are."""
+MODES = ("generate", "loglik", "cloze")
+MAX_NEW_TOKENS = 96  # a demo reply is a sentence of explanation and "The answer is X."
+
+
+def evaluate_models(models: dict[str, tuple[str, str | None]], eval_path: str) -> dict[str, dict[str, ev.EvalResult]]:
+    """name -> mode -> medcare.eval result on the held-out questions, for each (model directory, stage directory
+    or None) in `models`: generation-scored and loglik-scored, on the GPU when there is one."""
     items = ev.load_items([eval_path])
-    accuracy = {"questions": len(items)}
-    for name, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        result = ev.evaluate(model, AutoTokenizer.from_pretrained(path), items, "loglik", batch_size=16)
-        accuracy[name] = result.accuracy
-    return accuracy
+    results = {}
+    for name, (model_dir, stage_dir) in models.items():
+        model, tokenizer, _ = ev.load_model(model_dir, stage_dir, "auto", "auto", "drop")
+        results[name] = {mode: ev.evaluate(model, tokenizer, items, mode, batch_size=16,
+                                           max_new_tokens=MAX_NEW_TOKENS) for mode in MODES}
+        del model
+    return results
 
 
 @torch.no_grad()
@@ -128,11 +137,10 @@ def verify_export(base: str, stage2: str, export: str, sample: list[dict]) -> fl
 def main(argv: list[str] | None = None) -> int:
     ap = CommandParser(prog="python -m medcare.train demo", description=__doc__.split("\n")[0])
     ap.add_argument("--output", default=None, help="demo directory (default ./medcare-demo, or the next free -N)")
-    ap.add_argument("--base", choices=("tiny", "smollm2"), default="tiny",
-                    help="tiny: a randomly initialised 2-layer Qwen2 with the Qwen2 tokenizer (nothing is learned; "
-                         "the pipeline in about 2 minutes on 2 cores); smollm2: the pretrained "
-                         "SmolLM2-135M-Instruct (python -m medcare.base_model) on the English half of the data")
-    ap.add_argument("--epochs", default=None, help="epochs of each stage (default 2 on tiny, 1 on smollm2)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a randomly initialised 2-layer Qwen2 with the Qwen2 tokenizer instead of SmolLM2-135M-Instruct "
+                         "(nothing is learned; the pipeline smoke run, about 2 minutes on 2 cores)")
+    ap.add_argument("--epochs", default=None, help="epochs of each stage (default: BASE_FLAGS)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many optimizer steps "
                                                                   "(a quick smoke run)")
     args = ap.parse_args(argv or [])
@@ -140,15 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(args.output or _free_dir("medcare-demo"))
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"{out} already exists and is not empty; choose a new --output")
-    real = args.base == "smollm2"
+    real = not args.tiny
+    kind = "smollm2" if real else "tiny"
     base = smollm2() if real else None  # a missing or damaged base model is reported before anything is written
     data = write_data(os.path.join(out, "data"), english_only=real)
     if not real:
         base = build_base_model(os.path.join(out, "base"))
     what = "SmolLM2-135M-Instruct" if real else "tiny random Qwen2 base model + tokenizer"
     print(f"medcare demo: data in {out}/data, {what} in {base}")
-    epochs = args.epochs or ("1" if real else "2")
-    flags = TRAIN_FLAGS + BASE_FLAGS[args.base] + ["--num_train_epochs", epochs]
+    flags = TRAIN_FLAGS + BASE_FLAGS[kind]
+    if args.epochs:
+        flags += ["--num_train_epochs", args.epochs]
     if args.max_steps:
         flags += ["--max_steps", str(args.max_steps), "--logging_steps", "1"]
     s1, s2, ex = (os.path.join(out, d) for d in ("stage1", "stage2", "export"))
@@ -158,35 +168,71 @@ def main(argv: list[str] | None = None) -> int:
     r1, r2, _ = (_run(c) for c in commands)
     load = expert_load(s1)
     err = verify_export(base, s2, ex, load_records([data[1]]).records[0])
-    print(f"\n$ python -m medcare.eval --model {shlex.quote(base)} --data {shlex.quote(data[2])}   "
-          f"# and the same for --model {shlex.quote(ex)}", flush=True)
-    accuracy = evaluate_models({"base": base, "export": ex}, data[2])
-    accuracy["languages"] = "EN" if real else "EN/ZH"
-    print(summary(r1, r2, load, err, accuracy, (base, s1, s2, ex), commands, time.time() - t0))
+    models = {"base": (base, None), "stage 1": (base, s1), "export": (ex, None)}
+    evals = [eval_command(model_dir, stage_dir, data[2], mode) for model_dir, stage_dir in models.values()
+             for mode in MODES]
+    for command in evals:
+        print(f"\n$ {command}", flush=True)
+    results = evaluate_models(models, data[2])
+    print(summary(r1, r2, load, err, results, "EN" if real else "EN/ZH", (base, s1, s2, ex), commands, evals,
+                  time.time() - t0))
     return 0
+
+
+def eval_command(model_dir: str, stage_dir: str | None, data: str, mode: str) -> str:
+    stage = f" --stage-dir {shlex.quote(stage_dir)}" if stage_dir else ""
+    return (f"python -m medcare.eval --model {shlex.quote(model_dir)}{stage} --data {shlex.quote(data)} --mode {mode}"
+            + (f" --max-new-tokens {MAX_NEW_TOKENS}" if mode == "generate" else ""))
 
 
 def _span(values: list[float]) -> str:
     return f"{values[0]:.3f} -> {values[-1]:.3f}" if values else "not logged"
 
 
-def summary(r1, r2, load: torch.Tensor, err: float, accuracy: dict[str, float], paths, commands,
-            seconds: float) -> str:
+def _steps(r) -> str:
+    steps, runtime = r.logged("step"), r.logged("train_runtime")
+    if not steps or not runtime:
+        return "no steps logged"
+    return f"{int(steps[-1])} steps, {runtime[-1] / max(steps[-1], 1):.1f} s/step"
+
+
+LABELS = {"base": "base model", "stage 1": "stage 1 (routed experts dropped)", "export": "export (stage 2 merged)"}
+
+
+def accuracy_table(results: dict[str, dict[str, ev.EvalResult]], languages: str) -> list[str]:
+    """The held-out accuracy of each model by each reading (see medcare.eval): the letter of the generated reply
+    (the paper's protocol), the option the reply names, the letter's log-likelihood, the option text's."""
+    n = len(next(iter(results.values()))["loglik"].records)
+    lines = [f"  held-out knowledge: {n} multiple-choice questions ({languages}) on facts stage 1 taught, asked in "
+             f"other words, fresh distractors",
+             f"    {'model':36s}{'generate':>10s}{'named':>8s}{'loglik':>8s}{'cloze':>8s}   letters read from the reply"]
+    for name, by_mode in results.items():
+        gen = by_mode["generate"]
+        read = sum(r["extracted_by"] == "pattern" for r in gen.records)
+        cells = [gen.accuracy, gen.named_accuracy or 0.0, by_mode["loglik"].accuracy, by_mode["cloze"].accuracy]
+        lines.append(f"    {LABELS.get(name, name):36s}{100 * cells[0]:>9.1f}%"
+                     + "".join(f"{100 * v:>7.1f}%" for v in cells[1:]) + f"   {read}/{n} (forced letter for the rest)")
+    lines += ["    generate: the letter of the greedy reply (the paper's protocol); named: the option the reply names "
+              "first, whatever letter it gives;",
+              "    loglik: the likeliest letter after the prompt; cloze: the likeliest option text as the reply to "
+              "the bare question (python -m medcare.eval --help)"]
+    return lines
+
+
+def summary(r1, r2, load: torch.Tensor, err: float, results: dict[str, dict[str, ev.EvalResult]], languages: str,
+            paths, commands, evals: list[str], seconds: float) -> str:
     base, s1, s2, ex = paths
     orth = r2.logged("orth_loss_start")[:1] + r2.logged("orth_loss")[-1:]
     experts = " ".join(f"e{i} {100 * v:.0f}%" for i, v in enumerate(load.tolist()))
     lines = [f"\nmedcare demo: done in {seconds:.0f} s",
-             f"  stage 1  loss {_span(r1.logged('loss'))}                  {s1}",
+             *accuracy_table(results, languages),
+             f"  stage 1  loss {_span(r1.logged('loss'))}, {_steps(r1)}   {s1}",
              f"           expert load (share of routed slots, all MoLoRA projections, counted in training): "
              f"{experts}   (python -m medcare.inspect {shlex.quote(s1)})",
-             f"  stage 2  loss (CE + lambda * orth) {_span(r2.logged('loss'))}, orth penalty {_span(orth)}   {s2}",
+             f"  stage 2  loss (CE + lambda * orth) {_span(r2.logged('loss'))}, orth penalty {_span(orth)}, "
+             f"{_steps(r2)}   {s2}",
              f"  export   plain HF checkpoint, max |logit diff| vs stage-2 adapters {err:.1e}   {ex}",
-             f"  eval     held-out multiple choice ({accuracy['questions']} questions, {accuracy['languages']}): "
-             f"base {100 * accuracy['base']:.1f}% -> export {100 * accuracy['export']:.1f}%",
              "Redo each step by hand:"]
     lines += [f"  python -m medcare.train {shlex.join(c)}" for c in commands]
-    root = os.path.dirname(ex)
-    eval_data = shlex.quote(os.path.join(root, "data", "eval.jsonl"))
-    lines += [f"  python -m medcare.eval --model {shlex.quote(m)} --data {eval_data}"
-              for m in (base, ex)]
+    lines += [f"  {c}" for c in evals]
     return "\n".join(lines)

@@ -10,14 +10,17 @@ typical symptom, a key test, its body system and some synonyms, in both language
   "The answer is B." / "答案为B。", a few with two correct letters) mixed with alignment tasks;
 * ``stage2.jsonl``: alignment tasks only (entity extraction from a short clinical note in a fixed output
   format, term normalisation, intent classification over a fixed label set), none of them in stage 1;
-* ``eval.jsonl``: held-out multiple-choice questions in the plain evaluation format
-  ``{"question", "options", "answer", "task", "type": "knowledge"}`` (``options`` a letter -> text dict, or a
-  list for some), plus ``messages``: the same question as a conversation (the `format_mcq` prompt and the
-  reference reply), so that this file too passes ``python -m medcare.data check``. Their (question kind,
-  condition, language) never occurs in the training files, though the facts they ask about do.
+* ``eval.jsonl``: held-out single-answer multiple-choice questions in the plain evaluation format
+  ``{"question", "options", "answer", "task", "type": "knowledge", "fact"}`` (``options`` a letter -> text
+  dict, or a list for some), plus ``messages``: the same question as a conversation (the `format_mcq` prompt
+  and the reference reply), so that this file too passes ``python -m medcare.data check``. Each asks a fact
+  that stage 1 teaches (the same question kind, condition and language, TAUGHT times) in words training never
+  uses (EVAL_QUESTIONS), with distractors from none of the conditions those stage-1 questions offered and its
+  answer on another letter: a model can only score by having learned the fact, not the question.
 
 Training records use both formats (``conversations`` with human/gpt, ``messages`` with user/assistant), some
-with a system turn, and carry ``id``, ``task``, ``lang`` (and ``answer`` for questions), which loaders ignore.
+with a system turn, and carry ``id``, ``task``, ``lang`` (and ``answer`` and ``fact``, the condition asked
+about, for questions), which loaders ignore.
 A multiple-choice prompt is `format_mcq` of the question and its options; an evaluation should use the same.
 Output is deterministic: one seeded ``random.Random``, no set iteration, fixed JSON formatting.
 """
@@ -39,7 +42,7 @@ SEED = 20240611
 DEMO_DIR = Path(__file__).resolve().parent
 FILES = ("stage1.jsonl", "stage2.jsonl", "eval.jsonl")
 # Records per file and kind, split evenly between English and Chinese.
-STAGE1_MCQ, STAGE1_ALIGN, STAGE2_ALIGN, EVAL_MCQ = 180, 120, 150, 60
+STAGE1_MCQ, STAGE1_ALIGN, STAGE2_ALIGN, EVAL_MCQ = 220, 80, 150, 60
 MULTI_FRACTION = 0.1  # of the multiple-choice questions, those with two correct letters
 ALIGN_SHARES = (("extract", 0.4), ("normalise", 0.25), ("intent", 0.35))
 LANGS = ("en", "zh")
@@ -386,6 +389,7 @@ class MCQ:
     options: tuple[str, ...]
     answer: str  # letters, sorted: "B", "AC"
     explanation: str
+    sources: tuple[str, ...] = ()  # the conditions its distractors come from (single-answer questions)
 
     @property
     def kind(self) -> str:
@@ -416,11 +420,13 @@ QUESTIONS = {
              "zh": ["诊断{c}最有价值的检查是？", "疑似{c}时应首先完善下列哪项检查？",
                     "下列哪项检查对{c}的诊断最关键？"]},
     "drug_reverse": {"en": ["Which condition is commonly treated with {d}?",
-                            "A doctor prescribes {d}. Which condition is the patient most likely being treated for?"],
-                     "zh": ["{d}主要用于治疗下列哪种疾病？", "下列哪种疾病常使用{d}治疗？"]},
+                            "A doctor prescribes {d}. Which condition is the patient most likely being treated for?",
+                            "{D} is a standard treatment for which of the following conditions?"],
+                     "zh": ["{d}主要用于治疗下列哪种疾病？", "下列哪种疾病常使用{d}治疗？", "医生开具{d}，患者最可能患有哪种疾病？"]},
     "symptom_reverse": {"en": ["A patient presents with {s}. Which condition is most likely?",
-                               "Which condition typically causes {s}?"],
-                        "zh": ["患者出现{s}，最可能的诊断是？", "下列哪种疾病的典型表现为{s}？"]},
+                               "Which condition typically causes {s}?",
+                               "{S} is a typical sign of which of the following conditions?"],
+                        "zh": ["患者出现{s}，最可能的诊断是？", "下列哪种疾病的典型表现为{s}？", "{s}最常见于下列哪种疾病？"]},
     "system": {"en": ["Which body system is mainly affected by {c}?", "{C} is mainly a disorder of which body system?"],
                "zh": ["{c}主要累及哪个系统或器官？", "{c}主要是哪个系统或器官的疾病？"]},
     "system_multi": {"en": ["Which of the following conditions mainly affect the {y}? "
@@ -430,6 +436,25 @@ QUESTIONS = {
                                 "(There may be more than one correct answer.)"],
                          "zh": ["关于{c}，下列说法正确的是？（本题可能有多个正确答案）"]},
 }
+# The held-out phrasings: only the evaluation file asks in these words (training asks the same facts in QUESTIONS').
+EVAL_QUESTIONS = {
+    "drug": {"en": ["What is the usual first-choice medicine for a patient with {c}?",
+                    "Someone has just been told they have {c}. Which medicine will they most likely be given?"],
+             "zh": ["{c}患者通常首选哪种药物？", "某人刚被诊断为{c}，医生最可能给他开哪种药？"]},
+    "symptom": {"en": ["Which complaint would you expect from someone who has {c}?",
+                       "People with {c} most often notice which problem?"],
+                "zh": ["{c}患者通常会有哪种主诉？", "得了{c}的人最常注意到哪种不适？"]},
+    "test": {"en": ["Which examination best confirms a diagnosis of {c}?",
+                    "A clinician suspects {c}. Which investigation settles it?"],
+             "zh": ["确诊{c}最有帮助的检查是哪一项？", "医生怀疑{c}，做哪项检查最能明确诊断？"]},
+    "drug_reverse": {"en": ["A patient's medication list includes {d}. Which condition is it most likely for?"],
+                     "zh": ["患者正在服用{d}，最可能患有下列哪种疾病？"]},
+    "symptom_reverse": {"en": ["Someone comes to the clinic with {s}. What is the most likely diagnosis?"],
+                        "zh": ["某人因{s}就诊，最可能是哪种疾病？"]},
+}
+EVAL_KINDS = tuple(EVAL_QUESTIONS)
+TAUGHT = 3  # stage-1 questions per held-out question: the same fact, each in another training phrasing
+
 EXPLANATIONS = {  # English ones start with the condition: no verb agreement with "eye drops", "TSH and T4"
     "drug": {"en": "{C} is commonly treated with {d}, whereas {x} would be used for {xc}.",
              "zh": "{d}是治疗{c}的常用药物，{x}则主要用于{xc}。"},
@@ -471,44 +496,55 @@ def _value(fact: Fact, lang: str, attr: str) -> str | None:
     return getattr(fact.terms(lang), attr)
 
 
-def _unrelated(fact: Fact, attr: str | None, rng: random.Random, n: int) -> list[Fact]:
-    """``n`` facts not near ``fact`` that know ``attr`` (any when None), with distinct values of it."""
+def _unrelated(fact: Fact, attr: str | None, rng: random.Random, n: int, exclude: frozenset[str] = frozenset()
+               ) -> list[Fact]:
+    """``n`` facts not near ``fact`` that know ``attr`` (any when None), with distinct values of it; none whose
+    condition is in ``exclude`` (the distractors a question must not reuse)."""
     pool, seen = [], set()
     for other in FACTS:
         value = _value(other, "en", attr) if attr else other.key
-        if other.key not in NEAR[fact.key] and value is not None and value not in seen:
+        if (other.key not in NEAR[fact.key] and value is not None and value not in seen
+                and other.key not in exclude):
             seen.add(value)
             pool.append(other)
     return rng.sample(pool, n)
 
 
-def _shuffled(correct: list[str], wrong: list[str], rng: random.Random) -> tuple[tuple[str, ...], str]:
+def _shuffled(correct: list[str], wrong: list[str], rng: random.Random, avoid: str = ""
+              ) -> tuple[tuple[str, ...], str]:
+    """The options in a random order and the correct letters; a single correct answer never lands on a letter in
+    ``avoid`` (the letters a held-out question's answer had in training)."""
     options = correct + wrong
     rng.shuffle(options)
+    while len(correct) == 1 and LETTERS[options.index(correct[0])] in avoid:
+        rng.shuffle(options)
     return tuple(options), "".join(sorted(LETTERS[options.index(c)] for c in correct))
 
 
-def _single(fact: Fact, kind: str, lang: str, rng: random.Random) -> MCQ | None:
-    """One single-answer question of ``kind`` about ``fact``, or None when the fact lacks what it asks."""
+def _single(fact: Fact, kind: str, lang: str, rng: random.Random, phrasings: Sequence[str] | None = None,
+            exclude: frozenset[str] = frozenset(), avoid: str = "") -> MCQ | None:
+    """One single-answer question of ``kind`` about ``fact``, or None when the fact lacks what it asks. Its
+    phrasing is one of ``phrasings`` (default: the training ones, QUESTIONS); no distractor comes from a
+    condition in ``exclude`` and the answer's letter is not in ``avoid``."""
     attr = kind.removesuffix("_reverse")
     if (kind == "system" and not fact.systems) or (attr in ATTRIBUTES and _value(fact, "en", attr) is None):
         return None
     fields, n_wrong = _fields(fact, lang), rng.choice((3, 3, 4))
     if kind == "system":
         wrong = [SYSTEMS[k][lang == "zh"] for k in rng.sample([k for k in SYSTEMS if k not in fact.systems], n_wrong)]
-        correct = fields["y"]
+        correct, sources = fields["y"], ()
     else:
         forward = kind in ATTRIBUTES
-        others = _unrelated(fact, attr if forward else None, rng, n_wrong)
+        others = _unrelated(fact, attr if forward else None, rng, n_wrong, exclude)
         wrong = [_value(f, lang, attr if forward else "condition") for f in others]
-        correct = _value(fact, lang, attr if forward else "condition")
+        correct, sources = _value(fact, lang, attr if forward else "condition"), tuple(f.key for f in others)
         fields.update(x=wrong[0], X=_cap(wrong[0]) if lang == "en" else wrong[0], xc=others[0].terms(lang).condition)
     if kind == "symptom_reverse" and fact.en.drug:
         kind = "symptom_reverse_drug"
-    question = rng.choice(QUESTIONS[kind.removesuffix("_drug")][lang]).format(**fields)
-    options, letters = _shuffled([correct], wrong, rng)
+    question = rng.choice(phrasings or QUESTIONS[kind.removesuffix("_drug")][lang]).format(**fields)
+    options, letters = _shuffled([correct], wrong, rng, avoid)
     return MCQ((kind.removesuffix("_drug"), fact.key, lang), question, options, letters,
-               EXPLANATIONS[kind][lang].format(**fields))
+               EXPLANATIONS[kind][lang].format(**fields), sources)
 
 
 def _statements(fact: Fact, lang: str, rng: random.Random) -> MCQ | None:
@@ -748,7 +784,7 @@ def _record(task: str, lang: str, prompt: str, reply: str, rng: random.Random, *
 
 def _mcq_record(q: MCQ, rng: random.Random) -> dict:
     return _record(f"mcq_{q.kind}", q.lang, format_mcq(q.question, q.options, q.lang), q.reply(), rng,
-                   answer=q.answer)
+                   answer=q.answer, fact=q.key[1])
 
 
 def _eval_record(q: MCQ, rng: random.Random) -> dict:
@@ -757,7 +793,7 @@ def _eval_record(q: MCQ, rng: random.Random) -> dict:
     # Both option layouts the evaluation format allows: mostly a letter -> text dict, sometimes a plain list.
     options = list(q.options) if rng.random() < 0.25 else dict(zip(LETTERS, q.options, strict=False))
     return {"question": q.question, "options": options, "answer": q.answer, "task": f"{q.kind}_{q.lang}",
-            "type": "knowledge", "messages": [{"role": "user", "content": format_mcq(q.question, options, q.lang)},
+            "type": "knowledge", "fact": q.key[1], "messages": [{"role": "user", "content": format_mcq(q.question, options, q.lang)},
                                               {"role": "assistant", "content": q.reply()}]}
 
 
@@ -767,17 +803,50 @@ def _pick(items: list, n: int, rng: random.Random) -> list:
     return rng.sample(items, n)
 
 
+def _held_out(fact: Fact, kind: str, lang: str, rng: random.Random) -> tuple[MCQ, list[MCQ]] | None:
+    """A held-out question and the TAUGHT stage-1 questions that teach its fact: the same (kind, condition,
+    language), in other phrasings (training ones; the held-out one is an EVAL_QUESTIONS phrasing), the
+    held-out question with distractors from none of their conditions and its answer on none of their
+    letters. None when the fact lacks what ``kind`` asks or a question would be too long."""
+    phrasings = QUESTIONS[kind][lang]
+    taught = [_single(fact, kind, lang, rng, [p]) for p in rng.sample(phrasings, TAUGHT)]
+    if taught[0] is None:
+        return None
+    used = frozenset(k for q in taught for k in q.sources)
+    try:
+        held = _single(fact, kind, lang, rng, EVAL_QUESTIONS[kind][lang], used, "".join(q.answer for q in taught))
+    except ValueError:  # too few conditions left for fresh distractors
+        return None
+    if any(_words(format_mcq(q.question, q.options, q.lang), q.reply()) > MAX_WORDS for q in [held, *taught]):
+        return None
+    return held, taught
+
+
 def _split_questions(pool: list[MCQ], rng: random.Random) -> tuple[list[MCQ], list[MCQ]]:
-    """Held-out questions first, then training ones on other (kind, condition or system, language) keys."""
+    """Held-out questions, then stage-1 ones: per language, EVAL_MCQ / 2 held-out facts (kind, condition) each
+    taught by TAUGHT stage-1 questions (see _held_out), and the rest of STAGE1_MCQ / 2 from the pool on other
+    keys, a MULTI_FRACTION of them with two correct letters."""
     held, train = [], []
     for lang in LANGS:
-        single = [q for q in pool if q.lang == lang and len(q.answer) == 1]
+        keys = [(fact, kind) for fact in FACTS for kind in EVAL_KINDS]
+        rng.shuffle(keys)
+        chosen: list[tuple[MCQ, list[MCQ]]] = []
+        for fact, kind in keys:
+            if len(chosen) == EVAL_MCQ // 2:
+                break
+            found = _held_out(fact, kind, lang, rng)
+            if found is not None:
+                chosen.append(found)
+        if len(chosen) < EVAL_MCQ // 2:
+            raise ValueError(f"the fact table yields {len(chosen)} held-out questions, {EVAL_MCQ // 2} are needed")
+        held += [h for h, _ in chosen]
+        train += [q for _, taught in chosen for q in taught]
+        taken = {h.key for h, _ in chosen}
+        rest = STAGE1_MCQ // 2 - TAUGHT * len(chosen)
+        n_multi = round(rest * MULTI_FRACTION)
+        single = [q for q in pool if q.lang == lang and len(q.answer) == 1 and q.key not in taken]
         multi = [q for q in pool if q.lang == lang and len(q.answer) > 1]
-        for n, part in ((EVAL_MCQ // 2, held), (STAGE1_MCQ // 2, train)):
-            n_multi = round(n * MULTI_FRACTION)
-            part += _pick(multi, n_multi, rng) + _pick(single, n - n_multi, rng)
-            taken = {q.key for q in part}
-            single, multi = [q for q in single if q.key not in taken], [q for q in multi if q.key not in taken]
+        train += _pick(multi, n_multi, rng) + _pick(single, rest - n_multi, rng)
     return held, train
 
 

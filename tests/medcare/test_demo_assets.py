@@ -184,7 +184,7 @@ def test_mix_of_languages_formats_and_tasks(files):
         assert any(turns(r)[0][0] == "system" for r in records)
     assert {r["task"] for r in stage2} == {"extract", "normalise", "intent"}
     assert {"extract", "normalise", "intent"} < {r["task"] for r in stage1}
-    assert sum(r["task"].startswith("mcq_") for r in stage1) == 180
+    assert sum(r["task"].startswith("mcq_") for r in stage1) == make_data.STAGE1_MCQ
     assert {r["lang"] for r in stage1 if r["task"] == "mcq_drug"} == {"en", "zh"}
     eval_zh = sum(make_data.is_chinese(r["question"]) for r in files["eval.jsonl"])
     assert eval_zh * 2 == len(files["eval.jsonl"])
@@ -221,7 +221,36 @@ def test_eval_format_and_held_out(files):
         assert turns(r)[0][1] == make_data.format_mcq(r["question"], r["options"])
         assert not any(r["question"] in prompt for prompt in training_prompts), r["question"]
     assert any(isinstance(r["options"], list) for r in files["eval.jsonl"])
-    assert any(len(r["answer"]) > 1 for r in files["eval.jsonl"])
+    # Single-answer: a letter, so loglik scoring is one forward per question.
+    assert all(len(r["answer"]) == 1 for r in files["eval.jsonl"])
+
+
+def _options(r: dict) -> list[str]:
+    if "options" in r:
+        return list(r["options"].values()) if isinstance(r["options"], dict) else list(r["options"])
+    prompt = [text for role, text in turns(r) if role == "user"][0]
+    return re.findall(r"^[A-E]\. (.*)$", prompt, flags=re.M)
+
+
+def test_each_held_out_question_asks_a_fact_stage1_taught_in_other_words(files):
+    stage1 = [r for r in files["stage1.jsonl"] if "fact" in r]
+    for r in files["eval.jsonl"]:
+        kind, lang = r["task"].rsplit("_", 1)
+        taught = [t for t in stage1 if (t["task"], t["lang"], t["fact"]) == (f"mcq_{kind}", lang, r["fact"])]
+        assert len(taught) == make_data.TAUGHT, r["question"]
+        correct = r["options"][r["answer"]] if isinstance(r["options"], dict) else r["options"]["ABCDE".index(r["answer"])]
+        phrasings = [p.split("{")[0] for p in make_data.EVAL_QUESTIONS[kind][lang]]
+        assert any(r["question"].startswith(p) for p in phrasings), r["question"]  # a held-out phrasing
+        for t in taught:
+            prompt = [text for role, text in turns(t) if role == "user"][0]
+            assert r["question"] not in prompt
+            options = _options(t)
+            assert options[ord(t["answer"]) - ord("A")] == correct  # the same fact ...
+            assert t["answer"] != r["answer"]                      # ... on another letter ...
+            assert not (set(options) & set(_options(r))) - {correct}  # ... among fresh distractors
+    # Questions of the same kinds about facts never held out fill the rest of stage 1.
+    held = {(r["task"], r["fact"]) for r in files["eval.jsonl"]}
+    assert sum((f"{t['task'][4:]}_{t['lang']}", t["fact"]) not in held for t in stage1) >= 40
 
 
 def test_stage2_is_alignment_only_and_disjoint_from_stage1(files):

@@ -190,7 +190,9 @@ def test_prompts_are_the_training_format_and_the_demo_data(chatml_tokenizer, tem
         item = ev.to_item(r, "eval.jsonl", "eval")
         assert item.messages[0]["content"] == r["messages"][0]["content"]
         assert item.answer == "".join(sorted(r["answer"]))
-    assert any(len(r["answer"]) > 1 for r in records) and any(isinstance(r["options"], list) for r in records)
+        assert item.options == (r["options"] if isinstance(r["options"], dict) else dict(zip("ABCDE", r["options"])))
+        assert item.bare == [{"role": "user", "content": r["question"]}]
+    assert any(isinstance(r["options"], list) for r in records)
     for tok in (chatml_tokenizer, template_tokenizer):
         item = ev.to_item(records[0], "eval.jsonl", "eval")
         reply = "X"
@@ -324,3 +326,82 @@ def test_gpu_loglik_matches_cpu(stages):
     bf16, _, _ = ev.load_model(stages["base"], stages["s2"], "auto", "cuda", "drop")
     assert next(bf16.parameters()).dtype == torch.bfloat16
     assert len(ev.evaluate(bf16, tok, items, "generate", batch_size=4, max_new_tokens=4, progress=False).records) == 5
+
+
+# ------------------------------------------------------------------------------------------------ cloze
+@torch.no_grad()
+def brute_force_cloze(model, tok, item: ev.Item) -> dict[str, float]:
+    """Each option text's log-likelihood per UTF-8 byte as the reply to the bare question, one unpadded forward
+    per option, summed token by token."""
+    context = ev.render_prompt(tok, item.bare)
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    scores = {}
+    for letter, text in item.options.items():
+        full = tok(context + text, add_special_tokens=False)["input_ids"]
+        n = 0
+        while n < min(len(ctx), len(full)) and ctx[n] == full[n]:
+            n += 1
+        logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
+        scores[letter] = sum(float(logp[t - 1, full[t]]) for t in range(max(n, 1), len(full))) / len(text.encode())
+    return scores
+
+
+@pytest.mark.parametrize("fmt", ["plain", "original"])
+def test_cloze_finds_the_known_answer_key_and_never_shows_letters(setup, fmt):
+    model, tok = setup
+    records_fn = plain_records if fmt == "plain" else original_records
+    items = items_of(records_fn(["A"] * len(QUESTIONS)))
+    for item, (q, options, _) in zip(items, QUESTIONS):  # the bare question: no options, no answer format
+        assert item.bare[-1] == {"role": "user", "content": q}
+        assert list(item.options.values()) == list(options.values() if isinstance(options, dict) else options)
+    key = []
+    for item in items:
+        s = brute_force_cloze(model, tok, item)
+        key.append(max(s, key=s.get))
+    got = ev.evaluate(model, tok, items_of(records_with(records_fn(key), fmt, key)), "cloze", batch_size=3,
+                      progress=False)
+    assert [r["prediction"] for r in got.records] == key and got.accuracy == 1.0
+    assert got.answer_space.startswith("option texts") and {r["extracted_by"] for r in got.records} == {"cloze"}
+    # The scores themselves, not just the winners: batched and padded equals one by one.
+    scores = ev.cloze_predict(model, tok, items, 4, torch.device("cpu"), progress=False)
+    for item, s in zip(items, scores):
+        ref = brute_force_cloze(model, tok, item)
+        assert s.keys() == ref.keys() and all(abs(s[k] - ref[k]) < 1e-4 for k in s)
+
+
+def test_cloze_refuses_questions_it_cannot_score(setup):
+    model, tok = setup
+    multi = items_of(plain_records(["AB"] + ["A"] * (len(QUESTIONS) - 1)))
+    with pytest.raises(ev.EvalError, match="record 0: cloze scoring needs single-answer questions"):
+        ev.evaluate(model, tok, multi, "cloze", progress=False)
+    inline = {"conversations": [{"from": "human", "value": "Which one? A. this B. that"}], "eval": {"answer": "A"}}
+    item = ev.to_item(inline, "inline", "f")
+    assert item.options == {} and item.bare == []
+    with pytest.raises(ev.EvalError, match="option texts"):
+        ev.evaluate(model, tok, [item], "cloze", progress=False)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Asthma is commonly treated with salbutamol, whereas metformin is for diabetes. The answer is C.", "B"),
+    ("The answer is A.", None),
+    ("", None),
+    ("METFORMIN first, then salbutamol", "A"),
+    ("type 2 diabetes: metformin", "C"),  # "type 2 diabetes" starts first
+    ("diabetes insipidus is not an option", "D"),  # at one position the longer option text wins
+])
+def test_named_option(reply, expected):
+    options = {"A": "metformin", "B": "salbutamol", "C": "type 2 diabetes", "D": "diabetes insipidus"}
+    options_d = dict(options, E="diabetes")
+    assert ev.named_option(reply, options_d) == expected
+
+
+def test_generate_reports_how_often_the_reply_names_the_right_option(setup, monkeypatch):
+    model, tok = setup
+    items = items_of(plain_records(["A", "B", "A", "C", "B"]))
+    replies = ["It is 100 mg. The answer is B.", "感冒。答案为B。", "Rash. The answer is B.", "no idea", "Yes!"]
+    monkeypatch.setattr(ev, "generate_responses", lambda *a, **k: replies)
+    result = ev.evaluate(model, tok, items, "generate", progress=False)
+    assert [r["named"] for r in result.records] == ["A", "A", "B", None, "A"]
+    assert result.named_accuracy == pytest.approx(1 / 5)  # only the first names its answer; "no idea" counts wrong
+    assert [r["prediction"] for r in result.records][:3] == ["B", "B", "B"] and result.records[0]["correct"] is False
+    assert "names the right option first" in result.table() and result.report()["named_accuracy"] == 0.2
