@@ -1,13 +1,17 @@
-"""Medical multiple-choice accuracy of a model: did training make it better at medicine?
+"""Both kinds of task the paper reports: medical multiple choice (knowledge) and alignment-required tasks
+(extraction, normalisation, classification, scored on the generated reply): did training make it better?
 
     python -m medcare.eval --model DIR --data FILE [FILE ...] [--stage-dir DIR] [--output report.json]
-                           [--mode loglik|generate] [--limit N] [--batch-size N] [--device auto|cpu|cuda]
+                           [--mode loglik|generate|cloze] [--limit N] [--batch-size N] [--device auto|cpu|cuda]
 
 --model is a Hugging Face model directory: an exported MedCare model, any base model, or, with --stage-dir,
 the base model a stage directory is applied to (its adapters stay unmerged modules; a stage-1 directory is
 evaluated without its routed experts, as the paper deploys it, unless --experts keep).
 
-Records (JSON or JSON Lines), two formats:
+Alignment tasks ({"type": "extraction" | "normalisation" | "classification", "prompt", "answer", ...}, see
+medcare.alignment) may sit in the same files or their own; they are always scored on a greedy reply (a short
+budget per type, stopped at the end of a one-line answer), whatever --mode says, and reported beside the
+questions. Multiple-choice records (JSON or JSON Lines), two formats:
   * plain: {"question": str, "options": [str, ...] | {"A": str, ...}, "answer": "B" | "AC" | ["A", "C"],
     "task": optional, "type": optional}; any number of options, one or several correct letters.
   * the original MedCare test files: {"conversations": [{"from": "human", "value": question with its
@@ -51,6 +55,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from . import alignment
+from .alignment import AlignItem, AlignmentError, is_alignment_record, to_align_item
 from .checkpoint import open_stage
 from .data import FORMATS, IM_END, parse_file, render_prompt
 from .files import write_json
@@ -156,22 +162,32 @@ def _original_item(r: dict, where: str, stem: str) -> Item:
                 [*system, {"role": "user", "content": bare}] if bare else [], options)
 
 
-def to_item(r, where: str, stem: str) -> Item:
-    """An Item from either record format; EvalError naming `where` when the record is neither or is bad."""
+def to_item(r, where: str, stem: str) -> Item | AlignItem:
+    """An Item (a multiple-choice question, either format) or an AlignItem (an alignment task, see
+    medcare.alignment); EvalError naming `where` when the record is none of them or is bad."""
+    if is_alignment_record(r):
+        try:
+            return to_align_item(r, where, stem)
+        except AlignmentError as exc:
+            raise EvalError(f"{where}: {exc}") from None
     if isinstance(r, dict) and "question" in r:
         return _plain_item(r, where, stem)
     if isinstance(r, dict) and "eval" in r and _turns(r) is not None:
         return _original_item(r, where, stem)
-    raise EvalError(f"{where}: neither a {{question, options, answer}} record nor a conversation with an 'eval' "
-                    f"answer (the original MedCare test format)")
+    raise EvalError(f"{where}: neither a {{question, options, answer}} record, a conversation with an 'eval' "
+                    f"answer (the original MedCare test format) nor an alignment task {{type, prompt, answer}}")
 
 
-def load_items(paths: Sequence[str], limit: int | None = None) -> list[Item]:
-    """Every record of every file, validated; EvalError listing the first problems when any is bad."""
+def load_items(paths: Sequence[str], limit: int | None = None) -> list[Item | AlignItem]:
+    """Every record of every file, validated; EvalError listing the first problems (file:line: reason) when any
+    is bad, or naming a file without records."""
     items, problems = [], []
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
-        for raw in parse_file(path):
+        raws = list(parse_file(path))
+        if not raws:
+            problems.append(f"{path}: no records (an empty file)")
+        for raw in raws:
             where = f"{path}:{raw.location}" if raw.location else path
             if raw.problem is not None:
                 problems.append(str(raw.problem))
@@ -342,20 +358,25 @@ class AnswerSentenceStop(StoppingCriteria):
 
     DONE = re.compile(r"(?:答案[为是]|the[ \t]+answer[ \t]+is)[^\n.。]*?[A-Z][^\n.。]*[.。\n]", re.I)
 
-    def __init__(self, tokenizer, prompt_width: int):
-        self.tokenizer, self.width = tokenizer, prompt_width
+    FIRST_LINE = re.compile(r"\S[^\n]*\n")  # one-line replies (a term, a label, kv fields) end at the line end
+
+    def __init__(self, tokenizer, prompt_width: int, pattern: re.Pattern = DONE):
+        self.tokenizer, self.width, self.pattern = tokenizer, prompt_width, pattern
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
-        return torch.tensor([bool(self.DONE.search(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([bool(self.pattern.search(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device,
-                       progress: bool = True, stop_at_answer: bool = False, desc: str = "generate") -> list[str]:
+                       progress: bool = True, stop_at_answer: bool = False, desc: str = "generate",
+                       stop: re.Pattern | None = None) -> list[str]:
     """Greedy completions (left-padded batches, prompts sorted by length), stopping at the tokenizer's
-    end-of-turn / end-of-text, and with `stop_at_answer` after the answer sentence (AnswerSentenceStop; the
-    reply is cut right after it, so a row that finished early in its batch reads the same as alone)."""
+    end-of-turn / end-of-text, and with `stop_at_answer` after the answer sentence (AnswerSentenceStop), or
+    once the reply matches `stop`; the reply is cut right after the match, so a row that finished early in its
+    batch reads the same as alone."""
+    stop = AnswerSentenceStop.DONE if stop_at_answer else stop
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)) if
              isinstance(t, int) and t != tokenizer.unk_token_id}
@@ -369,12 +390,12 @@ def generate_responses(model, tokenizer, prompts: list[str], batch_size: int, ma
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             ids, mask = _left_pad([encoded[j] for j in chunk], pad_id, device)
-            criteria = StoppingCriteriaList([AnswerSentenceStop(tokenizer, ids.shape[1])] if stop_at_answer else [])
+            criteria = StoppingCriteriaList([AnswerSentenceStop(tokenizer, ids.shape[1], stop)] if stop else [])
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                  stopping_criteria=criteria)
             for j, seq in zip(chunk, gen[:, ids.shape[1]:], strict=True):
                 text = tokenizer.decode(seq, skip_special_tokens=True)
-                done = AnswerSentenceStop.DONE.search(text) if stop_at_answer else None
+                done = stop.search(text) if stop else None
                 out[j] = text[:done.end()].rstrip() if done else text
             bar.update(len(chunk))
     return out
@@ -385,8 +406,12 @@ def generate_responses(model, tokenizer, prompts: list[str], batch_size: int, ma
 class EvalResult:
     mode: str
     answer_space: str
-    records: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # multiple-choice questions
     seconds: float = 0.0
+    alignment: list[dict] = field(default_factory=list)  # alignment tasks (medcare.alignment.score)
+
+    def alignment_summary(self) -> dict | None:
+        return alignment.summarise(self.alignment) if self.alignment else None
 
     @property
     def accuracy(self) -> float:
@@ -410,16 +435,18 @@ class EvalResult:
         return out
 
     def report(self, **meta) -> dict:
-        return {**meta, "mode": self.mode, "answer_space": self.answer_space, "n": len(self.records),
+        extra = {"alignment": {**self.alignment_summary(), "items": self.alignment}} if self.alignment else {}
+        return {**meta, **extra, "mode": self.mode, "answer_space": self.answer_space, "n": len(self.records),
                 "correct": sum(r["correct"] for r in self.records), "accuracy": self.accuracy,
                 "named_accuracy": self.named_accuracy,
                 "by_task": self.groups("task"), "by_type": self.groups("type"), "seconds": round(self.seconds, 2),
                 "items": self.records}
 
     def table(self) -> str:
-        lines = [f"{'':28s}{'n':>6s}{'correct':>9s}{'accuracy':>10s}",
-                 _line("all", len(self.records), sum(r["correct"] for r in self.records))]
-        for key in ("task", "type"):
+        lines = [] if not self.records else [
+            f"{'multiple choice':28s}{'n':>6s}{'correct':>9s}{'accuracy':>10s}",
+            _line("all", len(self.records), sum(r["correct"] for r in self.records))]
+        for key in ("task", "type") if self.records else ():
             groups = self.groups(key)
             lines.append(f"  by {key}")
             lines += [_line("  " + name, g["n"], g["correct"]) for name, g in sorted(groups.items())]
@@ -428,6 +455,8 @@ class EvalResult:
             lines.append(f"  the reply names the right option first (whatever letter it gives): "
                          f"{sum(r['named'] == r['answer'] for r in named)}/{len(named)}, "
                          f"{100 * self.named_accuracy:.1f}%")
+        if self.alignment:
+            lines.append(alignment.table(self.alignment_summary()))
         return "\n".join(lines)
 
 
@@ -435,16 +464,54 @@ def _line(name: str, n: int, correct: int) -> str:
     return f"  {name[:26]:26s}{n:>6d}{correct:>9d}{100 * correct / max(n, 1):>9.1f}%"
 
 
-def evaluate(model, tokenizer, items: list[Item], mode: str = "loglik", batch_size: int = 8,
+def evaluate(model, tokenizer, items: list[Item | AlignItem], mode: str = "loglik", batch_size: int = 8,
              max_new_tokens: int = 512, progress: bool = True, answer_size: int | None = None) -> EvalResult:
-    """Score `items` with `model` (in eval mode, on its own device); see the module docstring for the modes.
+    """Score `items` with `model` (in eval mode, on its own device): multiple-choice questions by `mode` (see
+    the module docstring), alignment tasks always by their generated replies (medcare.alignment).
     `answer_size`: the largest letter set loglik scoring considers (default: the largest answer in `items`)."""
     if mode not in MODES:
         raise EvalError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
-    t0, device = time.time(), next(model.parameters()).device
+    t0 = time.time()
     model.eval()
+    questions = [i for i in items if isinstance(i, Item)]
+    tasks = [i for i in items if isinstance(i, AlignItem)]
+    if questions:
+        result = _evaluate_questions(model, tokenizer, questions, mode, batch_size, max_new_tokens, progress,
+                                     answer_size)
+    else:
+        result = EvalResult(mode, "none (no multiple-choice questions)")
+    if tasks:
+        result.alignment = evaluate_alignment(model, tokenizer, tasks, batch_size, progress)
+    result.seconds = time.time() - t0
+    return result
+
+
+def evaluate_alignment(model, tokenizer, items: list[AlignItem], batch_size: int, progress: bool = True
+                       ) -> list[dict]:
+    """Each task's greedy reply in the training chat format, read and scored (medcare.alignment.score). Replies
+    are generated in groups of one budget (alignment.MAX_NEW_TOKENS per type) and end at the end of the turn,
+    or, for one-line formats, at the end of the first line."""
+    device = next(model.parameters()).device
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for j, item in enumerate(items):
+        one_line = not (item.type == "extraction" and item.format == "json")
+        groups.setdefault((alignment.MAX_NEW_TOKENS[item.type], one_line), []).append(j)
+    replies = [""] * len(items)
+    for (budget, one_line), members in sorted(groups.items()):
+        prompts = [render_prompt(tokenizer, items[j].messages) for j in members]
+        out = generate_responses(model, tokenizer, prompts, batch_size, budget, device, progress,
+                                 desc=f"alignment, {budget} tokens",
+                                 stop=AnswerSentenceStop.FIRST_LINE if one_line else None)
+        for j, reply in zip(members, out, strict=True):
+            replies[j] = reply.strip()
+    return [alignment.score(item, reply) for item, reply in zip(items, replies, strict=True)]
+
+
+def _evaluate_questions(model, tokenizer, items: list[Item], mode: str, batch_size: int, max_new_tokens: int,
+                        progress: bool, answer_size: int | None) -> EvalResult:
+    t0, device = time.time(), next(model.parameters()).device
     max_size = answer_size or max(len(i.answer) for i in items)
     space = "option letters" if max_size == 1 else f"letter sets of up to {max_size} options (multi-answer data)"
     if mode == "cloze":
@@ -544,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         items = load_items(args.data, args.limit)  # before any model is loaded
         model, tokenizer, what = load_model(args.model, args.stage_dir, args.dtype, args.device, args.experts)
-        print(f"medcare.eval: {len(items)} questions from {', '.join(args.data)}; {args.model}"
+        n_tasks = sum(isinstance(i, AlignItem) for i in items)
+        print(f"medcare.eval: {len(items) - n_tasks} multiple-choice questions and {n_tasks} alignment tasks from "
+              f"{', '.join(args.data)}; {args.model}"
               f"{' + ' + args.stage_dir if args.stage_dir else ''} ({what}) on {next(model.parameters()).device}, "
               f"mode {args.mode}")
         result = evaluate(model, tokenizer, items, args.mode, args.batch_size, args.max_new_tokens,

@@ -40,9 +40,9 @@ __all__ = ["FACTS", "FILES", "MAX_WORDS", "SEED", "Fact", "Terms", "alignment_po
 
 SEED = 20240611
 DEMO_DIR = Path(__file__).resolve().parent
-FILES = ("stage1.jsonl", "stage2.jsonl", "eval.jsonl")
+FILES = ("stage1.jsonl", "stage2.jsonl", "eval.jsonl", "eval_align.jsonl")
 # Records per file and kind, split evenly between English and Chinese.
-STAGE1_MCQ, STAGE1_ALIGN, STAGE2_ALIGN, EVAL_MCQ = 220, 80, 150, 60
+STAGE1_MCQ, STAGE1_ALIGN, STAGE2_ALIGN, EVAL_MCQ, EVAL_ALIGN = 220, 80, 150, 60, 60
 MULTI_FRACTION = 0.1  # of the multiple-choice questions, those with two correct letters
 ALIGN_SHARES = (("extract", 0.4), ("normalise", 0.25), ("intent", 0.35))
 LANGS = ("en", "zh")
@@ -858,16 +858,38 @@ def _quotas(total: int) -> dict[str, int]:
     return counts
 
 
-def _split_alignment(pool: dict[tuple[str, str], list[Task]], rng: random.Random) -> tuple[list[Task], list[Task]]:
-    """Disjoint stage-1 and stage-2 alignment tasks, split by task and language as ALIGN_SHARES says."""
-    stage1, stage2 = [], []
-    q1, q2 = _quotas(STAGE1_ALIGN), _quotas(STAGE2_ALIGN)
+def _split_alignment(pool: dict[tuple[str, str], list[Task]], rng: random.Random
+                     ) -> tuple[list[Task], list[Task], list[Task]]:
+    """Disjoint stage-1, stage-2 and held-out alignment tasks, split by task and language as ALIGN_SHARES says."""
+    stage1, stage2, held = [], [], []
+    q1, q2, q3 = _quotas(STAGE1_ALIGN), _quotas(STAGE2_ALIGN), _quotas(EVAL_ALIGN)
     for lang in LANGS:
         for task, _ in ALIGN_SHARES:
-            chosen = _pick(pool[task, lang], q1[task] + q2[task], rng)
+            chosen = _pick(pool[task, lang], q1[task] + q2[task] + q3[task], rng)
             stage1 += chosen[:q1[task]]
-            stage2 += chosen[q1[task]:]
-    return stage1, stage2
+            stage2 += chosen[q1[task]:q1[task] + q2[task]]
+            held += chosen[q1[task] + q2[task]:]
+    return stage1, stage2, held
+
+
+ALIGN_TYPES = {"extract": "extraction", "normalise": "normalisation", "intent": "classification"}
+REPLY_PREFIX = {"normalise": {"en": "standard term: ", "zh": "标准术语："}, "intent": {"en": "intent: ", "zh": "意图："}}
+
+
+def _align_eval_record(t: Task) -> dict:
+    """A held-out alignment task in medcare.eval's record format (medcare.alignment): the prompt, the gold
+    answer (an extraction's whole reply; a normalisation's term; an intent's label), the allowed labels and the
+    reply prefix, plus the conversation, so that the file also passes ``python -m medcare.data check``."""
+    record = {"type": ALIGN_TYPES[t.task], "task": f"{t.task}_{t.lang}", "prompt": t.prompt}
+    prefix = REPLY_PREFIX.get(t.task, {}).get(t.lang, "")
+    assert t.reply.startswith(prefix), t.reply
+    record["answer"] = t.reply[len(prefix):]
+    if t.task == "intent":
+        record["labels"] = [labels[t.lang] for labels in INTENT_LABELS.values()]
+    if prefix:
+        record["reply_prefix"] = prefix
+    record["messages"] = [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.reply}]
+    return record
 
 
 def _with_ids(records: list[dict], prefix: str, rng: random.Random) -> list[dict]:
@@ -876,16 +898,17 @@ def _with_ids(records: list[dict], prefix: str, rng: random.Random) -> list[dict
 
 
 def generate(seed: int = SEED) -> dict[str, list[dict]]:
-    """The three files' records: ``{"stage1.jsonl": [...], "stage2.jsonl": [...], "eval.jsonl": [...]}``."""
+    """The files' records: ``{"stage1.jsonl": [...], "stage2.jsonl": [...], "eval.jsonl": [...],
+    "eval_align.jsonl": [...]}``."""
     rng = random.Random(seed)
     held, train = _split_questions(question_pool(rng), rng)
-    align1, align2 = _split_alignment(alignment_pool(rng), rng)
+    align1, align2, align_held = _split_alignment(alignment_pool(rng), rng)
     stage1 = [_mcq_record(q, rng) for q in train] + [_record(t.task, t.lang, t.prompt, t.reply, rng) for t in align1]
     stage2 = [_record(t.task, t.lang, t.prompt, t.reply, rng) for t in align2]
     held = [_eval_record(q, rng) for q in held]
     rng.shuffle(held)
     return {"stage1.jsonl": _with_ids(stage1, "stage1", rng), "stage2.jsonl": _with_ids(stage2, "stage2", rng),
-            "eval.jsonl": held}
+            "eval.jsonl": held, "eval_align.jsonl": _with_ids([_align_eval_record(t) for t in align_held], "align", rng)}
 
 
 def render(files: dict[str, list[dict]]) -> dict[str, str]:
