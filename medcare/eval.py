@@ -75,6 +75,9 @@ class EvalError(UserError):
 
 
 MODES = ("loglik", "generate", "cloze")
+# Defaults of the CLI: a multiple-choice reply (a short explanation and the answer sentence, where generation
+# stops) fits 128 new tokens; 16 sequences a batch keep 2 CPU cores busy without padding waste.
+DEFAULT_MAX_NEW_TOKENS, DEFAULT_BATCH_SIZE = 128, 16
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -257,14 +260,17 @@ class _Row:
     cands: list[tuple[str, int]]  # (candidate, next-token id) when n_cont == 0, else [(candidate, -1)]
 
 
-def _rows(tokenizer, index: int, context: str, cands: list[str], lang: str, with_end: bool) -> list[_Row]:
-    """One row when every candidate is a single token right after the context (the usual case), else a row
-    per candidate holding context + candidate, whose tokens are summed."""
+def _rows(tokenizer, index: int, context: str, cands: list[str], lang: str, with_end: bool,
+          one_forward: bool = True) -> list[_Row]:
+    """One row when every candidate is a single token right after the context (single letters, the usual case):
+    one forward per question reads every letter's log-probability at the answer position. Else (letter sets,
+    multi-token letters, or `one_forward` off) a row per candidate holding context + candidate, whose tokens
+    are summed."""
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     ctx = encode(context)
     sep = " " if lang == "en" else ""
     fulls = {c: encode(context + sep + c + (SENTENCE_END[lang] if with_end else "")) for c in cands}
-    if not with_end and all(len(f) == len(ctx) + 1 and f[: len(ctx)] == ctx for f in fulls.values()):
+    if one_forward and not with_end and all(len(f) == len(ctx) + 1 and f[: len(ctx)] == ctx for f in fulls.values()):
         return [_Row(ctx, 0, index, [(c, f[-1]) for c, f in fulls.items()])]
     rows = []
     for c, f in fulls.items():
@@ -307,10 +313,12 @@ def _accepts(model, name: str) -> bool:
 
 
 def loglik_predict(model, tokenizer, items: list[Item], contexts: list[str], max_size: int, batch_size: int,
-                   device, progress: bool = True, desc: str = "loglik") -> list[dict[str, float]]:
-    """Per item, candidate -> log-likelihood after its context; rows sorted by length, `batch_size` a forward."""
+                   device, progress: bool = True, desc: str = "loglik", one_forward: bool = True
+                   ) -> list[dict[str, float]]:
+    """Per item, candidate -> log-likelihood after its context; rows sorted by length, `batch_size` a forward.
+    `one_forward=False` scores every candidate as a sequence of its own (the slow reference)."""
     rows = [row for i, (item, ctx) in enumerate(zip(items, contexts, strict=True))
-            for row in _rows(tokenizer, i, ctx, candidates(item, max_size), item.lang, max_size > 1)]
+            for row in _rows(tokenizer, i, ctx, candidates(item, max_size), item.lang, max_size > 1, one_forward)]
     order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
     scores: list[dict[str, float]] = [{} for _ in items]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -578,8 +586,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
     ap.add_argument("--mode", default="loglik", choices=MODES, help="scoring (default loglik)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward / generate call (default 8)")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="generate mode: reply length limit (default 256)")
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                    help=f"sequences per forward / generate call (default {DEFAULT_BATCH_SIZE})")
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                    help=f"generate mode: multiple-choice reply length limit (default {DEFAULT_MAX_NEW_TOKENS}; "
+                         f"alignment tasks have their own per type)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on a bf16 GPU, else float32), float32, bfloat16, "
                                                     "float16")

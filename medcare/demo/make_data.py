@@ -422,11 +422,13 @@ QUESTIONS = {
     "drug_reverse": {"en": ["Which condition is commonly treated with {d}?",
                             "A doctor prescribes {d}. Which condition is the patient most likely being treated for?",
                             "{D} is a standard treatment for which of the following conditions?"],
-                     "zh": ["{d}主要用于治疗下列哪种疾病？", "下列哪种疾病常使用{d}治疗？", "医生开具{d}，患者最可能患有哪种疾病？"]},
+                     "zh": ["{d}主要用于治疗下列哪种疾病？", "下列哪种疾病常使用{d}治疗？",
+                            "医生开具{d}，患者最可能患有哪种疾病？"]},
     "symptom_reverse": {"en": ["A patient presents with {s}. Which condition is most likely?",
                                "Which condition typically causes {s}?",
                                "{S} is a typical sign of which of the following conditions?"],
-                        "zh": ["患者出现{s}，最可能的诊断是？", "下列哪种疾病的典型表现为{s}？", "{s}最常见于下列哪种疾病？"]},
+                        "zh": ["患者出现{s}，最可能的诊断是？", "下列哪种疾病的典型表现为{s}？",
+                               "{s}最常见于下列哪种疾病？"]},
     "system": {"en": ["Which body system is mainly affected by {c}?", "{C} is mainly a disorder of which body system?"],
                "zh": ["{c}主要累及哪个系统或器官？", "{c}主要是哪个系统或器官的疾病？"]},
     "system_multi": {"en": ["Which of the following conditions mainly affect the {y}? "
@@ -793,7 +795,8 @@ def _eval_record(q: MCQ, rng: random.Random) -> dict:
     # Both option layouts the evaluation format allows: mostly a letter -> text dict, sometimes a plain list.
     options = list(q.options) if rng.random() < 0.25 else dict(zip(LETTERS, q.options, strict=False))
     return {"question": q.question, "options": options, "answer": q.answer, "task": f"{q.kind}_{q.lang}",
-            "type": "knowledge", "fact": q.key[1], "messages": [{"role": "user", "content": format_mcq(q.question, options, q.lang)},
+            "type": "knowledge", "fact": q.key[1],
+            "messages": [{"role": "user", "content": format_mcq(q.question, options, q.lang)},
                                               {"role": "assistant", "content": q.reply()}]}
 
 
@@ -873,7 +876,8 @@ def _split_alignment(pool: dict[tuple[str, str], list[Task]], rng: random.Random
 
 
 ALIGN_TYPES = {"extract": "extraction", "normalise": "normalisation", "intent": "classification"}
-REPLY_PREFIX = {"normalise": {"en": "standard term: ", "zh": "标准术语："}, "intent": {"en": "intent: ", "zh": "意图："}}
+REPLY_PREFIX = {"normalise": {"en": "standard term: ", "zh": "标准术语："},
+                "intent": {"en": "intent: ", "zh": "意图："}}
 
 
 def _align_eval_record(t: Task) -> dict:
@@ -908,7 +912,8 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     held = [_eval_record(q, rng) for q in held]
     rng.shuffle(held)
     return {"stage1.jsonl": _with_ids(stage1, "stage1", rng), "stage2.jsonl": _with_ids(stage2, "stage2", rng),
-            "eval.jsonl": held, "eval_align.jsonl": _with_ids([_align_eval_record(t) for t in align_held], "align", rng)}
+            "eval.jsonl": held,
+            "eval_align.jsonl": _with_ids([_align_eval_record(t) for t in align_held], "align", rng)}
 
 
 def render(files: dict[str, list[dict]]) -> dict[str, str]:

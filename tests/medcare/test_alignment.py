@@ -35,7 +35,8 @@ def item(record: dict) -> al.AlignItem:
 @pytest.mark.parametrize("reply, tp, fp, fn, f1, fmt", [
     (KEYS, 4, 0, 0, 1.0, True),
     ("Diseases: Asthma, COPD; drugs: salbutamol; symptoms: wheeze; tests: none.", 4, 0, 0, 1.0, True),
-    ("diseases: asthma; drugs: salbutamol, aspirin; symptoms: none; tests: none", 2, 1, 2, 2 * (2 / 3) * 0.5 / (2 / 3 + 0.5), True),
+    ("diseases: asthma; drugs: salbutamol, aspirin; symptoms: none; tests: none", 2, 1, 2,
+     2 * (2 / 3) * 0.5 / (2 / 3 + 0.5), True),
     ("diseases: asthma\nsomething else", 1, 0, 3, 2 * 1 * 0.25 / 1.25, False),  # a line that is no field
     ("colour: blue; diseases: asthma", 1, 1, 3, 2 * 0.5 * 0.25 / 0.75, False),   # a field nobody asked for
     ("", 0, 0, 4, 0.0, False),

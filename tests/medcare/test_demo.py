@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
-
-import re
 
 import pytest
 

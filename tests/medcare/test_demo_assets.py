@@ -238,7 +238,7 @@ def test_each_held_out_question_asks_a_fact_stage1_taught_in_other_words(files):
         kind, lang = r["task"].rsplit("_", 1)
         taught = [t for t in stage1 if (t["task"], t["lang"], t["fact"]) == (f"mcq_{kind}", lang, r["fact"])]
         assert len(taught) == make_data.TAUGHT, r["question"]
-        correct = r["options"][r["answer"]] if isinstance(r["options"], dict) else r["options"]["ABCDE".index(r["answer"])]
+        correct = _options(r)["ABCDE".index(r["answer"])]
         phrasings = [p.split("{")[0] for p in make_data.EVAL_QUESTIONS[kind][lang]]
         assert any(r["question"].startswith(p) for p in phrasings), r["question"]  # a held-out phrasing
         for t in taught:

@@ -405,3 +405,26 @@ def test_generate_reports_how_often_the_reply_names_the_right_option(setup, monk
     assert result.named_accuracy == pytest.approx(1 / 5)  # only the first names its answer; "no idea" counts wrong
     assert [r["prediction"] for r in result.records][:3] == ["B", "B", "B"] and result.records[0]["correct"] is False
     assert "names the right option first" in result.table() and result.report()["named_accuracy"] == 0.2
+
+
+def test_one_forward_per_question_equals_one_sequence_per_candidate():
+    """Single-letter answer sets: the letter logits at the answer position (one row per question) give the
+    candidate scoring's log-likelihoods and predictions, from a fraction of the sequences. The Qwen2 tokenizer
+    (the demo's): its letters are single tokens after "The answer is" and "答案为", as in real vocabularies."""
+    from medcare.demo.tokenizer import qwen2_tokenizer
+
+    tok = qwen2_tokenizer()
+    model = tiny_model("qwen2", len(tok), seed=2)
+    items = items_of(plain_records(["A"] * len(QUESTIONS)))
+    contexts = [ev.render_prompt(tok, i.messages) + ev.PREFIX[i.lang] for i in items]
+    rows_fast = [r for j, (i, c) in enumerate(zip(items, contexts))
+                 for r in ev._rows(tok, j, c, ev.candidates(i, 1), i.lang, False)]
+    rows_slow = [r for j, (i, c) in enumerate(zip(items, contexts))
+                 for r in ev._rows(tok, j, c, ev.candidates(i, 1), i.lang, False, one_forward=False)]
+    assert len(rows_fast) == len(items) and len(rows_slow) == sum(len(i.letters) for i in items)
+    fast = ev.loglik_predict(model, tok, items, contexts, 1, 4, torch.device("cpu"), progress=False)
+    slow = ev.loglik_predict(model, tok, items, contexts, 1, 4, torch.device("cpu"), progress=False,
+                             one_forward=False)
+    for f, s in zip(fast, slow):
+        assert f.keys() == s.keys() and all(abs(f[k] - s[k]) < 1e-4 for k in f)
+        assert max(f, key=f.get) == max(s, key=s.get)
