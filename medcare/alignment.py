@@ -32,6 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from .data import FORMATS
 from .prompts import is_chinese
 
 TYPES = ("extraction", "normalisation", "classification")
@@ -69,14 +70,14 @@ def is_alignment_record(r) -> bool:
         "prompt" in r or r.get("type") in TYPES)
 
 
-def _turns(r: dict) -> list[dict[str, str]]:
-    from .data import FORMATS  # the conversation formats training reads
-
+def conversation_turns(r: dict) -> list[dict[str, str]] | None:
+    """A record's conversation ("conversations" or "messages", the formats training reads) as role/content
+    turns; None when it has neither."""
     for key, (speaker, text, roles) in FORMATS.items():
         if isinstance(r.get(key), list):
             return [{"role": roles.get(t.get(speaker), "?"), "content": t.get(text)}
                     for t in r[key] if isinstance(t, dict)]
-    return []
+    return None
 
 
 def to_align_item(r: dict, where: str, stem: str) -> AlignItem:
@@ -87,7 +88,7 @@ def to_align_item(r: dict, where: str, stem: str) -> AlignItem:
     if isinstance(r.get("prompt"), str):
         messages = [{"role": "user", "content": r["prompt"]}]
     else:
-        turns = _turns(r)
+        turns = conversation_turns(r) or []
         user = [i for i, t in enumerate(turns) if t["role"] == "user"]
         if not user:
             raise AlignmentError("needs a 'prompt' string or a conversation with a user turn")

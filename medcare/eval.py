@@ -56,9 +56,9 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from . import alignment
-from .alignment import AlignItem, AlignmentError, is_alignment_record, to_align_item
+from .alignment import AlignItem, AlignmentError, conversation_turns, is_alignment_record, to_align_item
 from .checkpoint import open_stage
-from .data import FORMATS, IM_END, parse_file, render_prompt
+from .data import IM_END, parse_file, render_prompt
 from .files import write_json
 from .loading import UserError, load_model_and_tokenizer, resolve_device, resolve_dtype
 from .prompts import ANSWER_PREFIX as PREFIX
@@ -128,16 +128,8 @@ def _plain_item(r: dict, where: str, stem: str) -> Item:
                 "".join(options), answer, lang, [{"role": "user", "content": question}], options)
 
 
-def _turns(r: dict) -> list[dict[str, str]] | None:
-    for key, (speaker, text, roles) in FORMATS.items():
-        if isinstance(r.get(key), list):
-            turns = [t for t in r[key] if isinstance(t, dict)]
-            return [{"role": roles.get(t.get(speaker), "?"), "content": t.get(text)} for t in turns]
-    return None
-
-
 def _original_item(r: dict, where: str, stem: str) -> Item:
-    info, turns = r["eval"], _turns(r) or []
+    info, turns = r["eval"], conversation_turns(r) or []
     system = [t for t in turns[:1] if t["role"] == "system"]
     user = next((t for t in turns if t["role"] == "user"), None)
     if user is None or not isinstance(user["content"], str) or not user["content"].strip():
@@ -175,7 +167,7 @@ def to_item(r, where: str, stem: str) -> Item | AlignItem:
             raise EvalError(f"{where}: {exc}") from None
     if isinstance(r, dict) and "question" in r:
         return _plain_item(r, where, stem)
-    if isinstance(r, dict) and "eval" in r and _turns(r) is not None:
+    if isinstance(r, dict) and "eval" in r and conversation_turns(r) is not None:
         return _original_item(r, where, stem)
     raise EvalError(f"{where}: neither a {{question, options, answer}} record, a conversation with an 'eval' "
                     f"answer (the original MedCare test format) nor an alignment task {{type, prompt, answer}}")
