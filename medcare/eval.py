@@ -264,11 +264,27 @@ def _rows(tokenizer, index: int, context: str, cands: list[str], lang: str, with
     fulls = {c: encode(context + sep + c + (SENTENCE_END[lang] if with_end else "")) for c in cands}
     if one_forward and not with_end and all(len(f) == len(ctx) + 1 and f[: len(ctx)] == ctx for f in fulls.values()):
         return [_Row(ctx, 0, index, [(c, f[-1]) for c, f in fulls.items()])]
-    rows = []
-    for c, f in fulls.items():
-        n = next((i for i, (a, b) in enumerate(zip(ctx, f, strict=False)) if a != b), min(len(ctx), len(f)))
-        rows.append(_Row(f, len(f) - max(n, 1), index, [(c, -1)]))
-    return rows
+    return [_continuation(ctx, f, index, c) for c, f in fulls.items()]
+
+
+def _continuation(ctx: list[int], full: list[int], index: int, name: str) -> _Row:
+    """A row scoring the tokens of `full` after its common prefix with `ctx` (at least the first is context)."""
+    n = next((i for i, (a, b) in enumerate(zip(ctx, full, strict=False)) if a != b), min(len(ctx), len(full)))
+    return _Row(full, len(full) - max(n, 1), index, [(name, -1)])
+
+
+def _score_all(model, tokenizer, rows: list[_Row], batch_size: int, device, progress: bool, desc: str) -> list:
+    """Each row's score (a float, or the candidates' list for a next-token row), rows batched by length."""
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
+    values: list = [None] * len(rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with tqdm(total=len(rows), desc=f"medcare.eval ({desc})", unit="seq", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for j, value in zip(batch, _score_rows(model, [rows[j] for j in batch], pad_id, device), strict=True):
+                values[j] = value
+            bar.update(len(batch))
+    return values
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,16 +327,10 @@ def loglik_predict(model, tokenizer, items: list[Item], contexts: list[str], max
     `one_forward=False` scores every candidate as a sequence of its own (the slow reference)."""
     rows = [row for i, (item, ctx) in enumerate(zip(items, contexts, strict=True))
             for row in _rows(tokenizer, i, ctx, candidates(item, max_size), item.lang, max_size > 1, one_forward)]
-    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
     scores: list[dict[str, float]] = [{} for _ in items]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with tqdm(total=len(rows), desc=f"medcare.eval ({desc})", unit="seq", disable=not progress, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = [rows[j] for j in order[start:start + batch_size]]
-            for row, s in zip(batch, _score_rows(model, batch, pad_id, device), strict=True):
-                values = s if row.n_cont == 0 else [s]
-                scores[row.item].update({c: v for (c, _), v in zip(row.cands, values, strict=True)})
-            bar.update(len(batch))
+    for row, s in zip(rows, _score_all(model, tokenizer, rows, batch_size, device, progress, desc), strict=True):
+        values = s if row.n_cont == 0 else [s]
+        scores[row.item].update({c: v for (c, _), v in zip(row.cands, values, strict=True)})
     return scores
 
 
@@ -336,19 +346,12 @@ def cloze_predict(model, tokenizer, items: list[Item], batch_size: int, device, 
         context = render_prompt(tokenizer, item.bare)
         ctx = encode(context)
         for letter, text in item.options.items():
-            full = encode(context + text)
-            n = next((k for k, (a, b) in enumerate(zip(ctx, full, strict=False)) if a != b), min(len(ctx), len(full)))
-            rows.append(_Row(full, len(full) - max(n, 1), i, [(letter, -1)]))
+            rows.append(_continuation(ctx, encode(context + text), i, letter))
             sizes.append(max(len(text.encode("utf-8")), 1))
-    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
     scores: list[dict[str, float]] = [{} for _ in items]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with tqdm(total=len(rows), desc="medcare.eval (cloze)", unit="seq", disable=not progress, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            for j, value in zip(batch, _score_rows(model, [rows[j] for j in batch], pad_id, device), strict=True):
-                scores[rows[j].item][rows[j].cands[0][0]] = value / sizes[j]
-            bar.update(len(batch))
+    values = _score_all(model, tokenizer, rows, batch_size, device, progress, "cloze")
+    for row, value, size in zip(rows, values, sizes, strict=True):
+        scores[row.item][row.cands[0][0]] = value / size
     return scores
 
 
