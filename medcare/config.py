@@ -44,8 +44,9 @@ class Stage1Config:
     attn_rank: int = field(default=16, metadata={"help": "rank of the attention LoRA (q/k/v/o)"})
     attn_alpha: float = field(default=32.0, metadata={"help": "attention LoRA alpha; scaling = alpha / rank"})
     attn_dropout: float = field(default=0.05, metadata={"help": "dropout on the attention LoRA input"})
-    num_experts: int = field(default=8, metadata={"help": "E, routed LoRA experts per MLP projection"})
-    top_k: int = field(default=2, metadata={"help": "K, experts each token is routed to"})
+    num_experts: int = field(default=8, metadata={"help": "E, routed LoRA experts per MLP projection (0: none, "
+                                                            "the MLP gets the shared LoRA only, a plain LoRA)"})
+    top_k: int = field(default=2, metadata={"help": "K, experts each token is routed to (unused when E = 0)"})
     expert_rank: int = field(default=16, metadata={"help": "R, rank of each routed expert"})
     shared_rank: int = field(default=32, metadata={"help": "Rs, rank of the always-on shared (knowledge) LoRA"})
     mlp_alpha: float = field(default=32.0, metadata={"help": "MoLoRA alpha; scaling = alpha / expert_rank, "
@@ -69,13 +70,22 @@ class Stage1Config:
     def mlp_scaling(self) -> float:
         return self.mlp_alpha / self.expert_rank
 
+    @property
+    def routed(self) -> bool:
+        """Whether the MLP has routed experts (the noise aggregator); num_experts = 0 leaves the shared LoRA only."""
+        return self.num_experts > 0
+
     def validate(self) -> Stage1Config:
         problems: list[str] = []
         _check_common(self, problems)
         if isinstance(self.num_experts, int) and isinstance(self.top_k, int):
-            if self.num_experts < 1:
-                problems.append(f"num_experts must be >= 1, got {self.num_experts}")
-            if not 1 <= self.top_k <= max(self.num_experts, 1):
+            if self.num_experts < 0:
+                problems.append(f"num_experts must be >= 0, got {self.num_experts}")
+            elif self.num_experts == 0:  # no noise aggregator: the MLP's shared LoRA is all there is
+                if isinstance(self.shared_rank, int) and self.shared_rank < 1:
+                    problems.append("num_experts = 0 needs shared_rank >= 1: without routed experts the shared LoRA "
+                                    "is the only MLP adapter")
+            elif not 1 <= self.top_k <= self.num_experts:
                 problems.append(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         else:
             problems.append(f"num_experts and top_k must be ints, got {self.num_experts!r}, {self.top_k!r}")
@@ -84,6 +94,8 @@ class Stage1Config:
         coef = self.router_aux_loss_coef
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
             problems.append(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
+        elif coef and self.num_experts == 0:
+            problems.append(f"router_aux_loss_coef = {coef} balances routed experts, and num_experts = 0 has none")
         if problems:
             raise ConfigError(problems)
         return self

@@ -94,10 +94,15 @@ def freeze_non_adapters(model: nn.Module) -> InjectionReport:
 
 
 def apply_stage1(model: nn.Module, cfg: Stage1Config) -> InjectionReport:
-    """Attention LoRA on cfg.attn_targets, MoLoRA (experts + shared LoRA + router) on cfg.mlp_targets."""
+    """Attention LoRA on cfg.attn_targets, MoLoRA (experts + shared LoRA + router) on cfg.mlp_targets; with
+    num_experts = 0 (no noise aggregator) the MLP projections get a LoRALinear holding the shared LoRA alone, as
+    role "shared" (the checkpoint keys, the transition and stage 2 treat it exactly as MoLoRA's shared LoRA)."""
     cfg.validate()
 
     def build(attr: str, layer: nn.Linear) -> nn.Module:
+        if attr in cfg.mlp_targets and not cfg.routed:
+            return LoRALinear(layer, {"shared": cfg.shared_rank}, scaling=cfg.mlp_scaling, dropout=cfg.mlp_dropout,
+                              dtype=cfg.adapter_dtype)
         if attr in cfg.mlp_targets:
             return MoLoRALinear(layer, num_experts=cfg.num_experts, top_k=cfg.top_k, expert_rank=cfg.expert_rank,
                                 shared_rank=cfg.shared_rank, scaling=cfg.mlp_scaling, dropout=cfg.mlp_dropout,

@@ -129,7 +129,7 @@ def run_stage1(argv: list[str]) -> StageResult:
     say(f"medcare: stage 1 on {run.model}: {report}")
     meta = {"stage": 1, "stage1": cfg.to_dict(), "base_model": _base_meta(run.model, model)}
     routing = ExpertUsageCallback(model, cfg.router_aux_loss_coef, count=cfg.expert_usage) \
-        if cfg.expert_usage or cfg.router_aux_loss_coef else None
+        if cfg.routed and (cfg.expert_usage or cfg.router_aux_loss_coef) else None
     history = fit(model, tokenizer, dataset, targs, meta, resume=args.resume, routing=routing)
     say(f"medcare: stage 1 saved to {targs.output_dir}")
     return StageResult(targs.output_dir, history)

@@ -146,6 +146,34 @@ def test_stage1_stage2_export_end_to_end(env, tmp_path, capfd):
     assert rel_err(logits(load_base(out), ids), logits(trained2, ids)) <= 1e-5
 
 
+def test_stage1_without_routed_experts_is_attention_and_shared_lora_into_stage2(env, tmp_path):
+    """--num_experts 0 (the ablation's "no noise aggregator" and single-stage LoRA): the MLP gets the shared LoRA
+    alone, no router and no expert-usage files; the directory goes through stage 2 like any stage 1."""
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    argv = ["--model", env["base"], "--data", env["data"], *FAST, "--num_train_epochs", "1"]
+    assert run_train(["stage1", *argv, "--output", s1, *STAGE1_ADAPTERS, "--num_experts", "0"]) == 0
+    assert sorted(os.listdir(s1)) == [ADAPTER_FILE, MANIFEST_FILE, "trainer_state.json"]
+    stage1 = read_stage(str(s1), expect_stage=1)
+    assert {k.rsplit(".", 2)[1] for k in stage1.tensors} == {"attention", "shared"}
+    assert all(torch.count_nonzero(v) > 0 for k, v in stage1.tensors.items() if k.endswith("lora_b"))
+    # Trainable: the attention LoRA and the shared LoRA (rank 8) of every MLP projection, nothing else.
+    model = load_base(env["base"])
+    apply_stage1(model, stage1.stage1)
+    trainable = {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_a", "lora_b"}
+    assert {m.adapter_ranks["shared"] for n, m in model.named_modules() if n.endswith("mlp.up_proj")} == {8}
+    # Without routed experts, "experts kept" and "experts dropped" are the same model.
+    load_adapter_state(model, stage1.tensors)
+    dropped = load_base(env["base"])
+    build_stage_model(dropped, stage1)
+    ids = input_ids(env["vocab"])
+    assert rel_err(logits(dropped, ids), logits(model, ids)) <= 1e-5
+    assert run_train(["stage2", *argv, "--stage1", s1, "--output", s2]) == 0
+    stage2 = read_stage(str(s2), expect_stage=2)
+    assert stage2.stage2.rank == 8 and {k.rsplit(".", 2)[1] for k in stage2.tensors} == {"attention", "knowledge",
+                                                                                           "alignment"}
+
+
 @torch.no_grad()
 def data_loss(model, batch) -> float:
     model.eval()
@@ -274,10 +302,14 @@ ERROR_CASES = {
                                                 "--resume_from_checkpoint", "last"], "no checkpoint-*"),
     "model config not JSON": (lambda e, r: ["stage1", "--model", broken_config_dir(r), "--data", e["data"]],
                               "broken-model"),
+    "no experts and no shared LoRA": (lambda e, r: ["stage1", "--model", e["base"], "--data", e["data"],
+                                                    "--num_experts", "0", "--shared_rank", "0"], "shared_rank >= 1"),
+    "no experts to balance": (lambda e, r: ["stage1", "--model", e["base"], "--data", e["data"], "--num_experts",
+                                            "0", "--router_aux_loss_coef", "0.1"], "router_aux_loss_coef"),
 }
 # options out of range or unknown values, each on an otherwise good stage-1 run: (option, value, word)
 for _opt, _value, _word in [("--shared_rank", "-1", "shared_rank"), ("--expert_rank", "0", "expert_rank"),
-                            ("--attn_dropout", "1.5", "attn_dropout"), ("--num_experts", "0", "num_experts"),
+                            ("--attn_dropout", "1.5", "attn_dropout"), ("--num_experts", "-1", "num_experts"),
                             ("--on_bad_records", "ignore", "--on_bad_records"),
                             ("--label_mask", "everything", "--label_mask"),
                             ("--model_dtype", "float8", "--model_dtype")]:
