@@ -97,7 +97,8 @@ BASE_FLAGS = {"tiny": ["--learning_rate", "5e-3", "--logging_steps", "5"],
 EPOCHS = {"tiny": ("2", "2"), "smollm2": ("2", "1")}
 
 
-def _run(argv: list[str]):
+def run_command(argv: list[str]):
+    """Print the `python -m medcare.train` command line, then run it in this process (medcare.pipeline)."""
     print(f"\n$ python -m medcare.train {shlex.join(argv)}", flush=True)
     return COMMANDS[argv[0]](argv[1:])
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["stage2", "--model", base, "--stage1", s1, "--data", data[1], "--output", s2, *flags,
                  "--num_train_epochs", epochs[1]],
                 ["export", "--stage2", s2, "--output", ex]]
-    r1, r2, _ = (_run(c) for c in commands)
+    r1, r2, _ = (run_command(c) for c in commands)
     load = expert_load(s1)
     err = verify_export(base, s2, ex, load_records([data[1]]).records[0])
     models = {"base": (base, None), "stage 1": (base, s1), "export": (ex, None)}
