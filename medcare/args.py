@@ -134,6 +134,7 @@ def parse_stage_args(stage: int, argv: list[str]) -> StageArgs:
     if unknown:
         raise UserError(f"{config_path}: unknown options {', '.join(unknown)} (see --help)")
     parser.set_defaults(**from_file)
+    start_deepspeed(argv, from_file)
     try:
         run, cfg, targs = parser.parse_args_into_dataclasses(argv)
     except ValueError as exc:
@@ -145,6 +146,40 @@ def parse_stage_args(stage: int, argv: list[str]) -> StageArgs:
         raise UserError("; ".join(problems))
     check_backend()
     return StageArgs(run, cfg, targs, resume)
+
+
+def _deepspeed_config(argv: list[str], from_file: dict) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--deepspeed":
+            return argv[i + 1] if i + 1 < len(argv) else ""
+        if a.startswith("--deepspeed="):
+            return a.split("=", 1)[1]
+    return from_file.get("deepspeed")
+
+
+def start_deepspeed(argv: list[str], from_file: dict) -> None:
+    """With --deepspeed: DeepSpeed must be installed (one line saying what to install otherwise), and under a
+    multi-process launch without GPUs its communication layer is started on gloo before TrainingArguments
+    exist. Otherwise accelerate sets up plain gloo DDP there (--use_cpu), DeepSpeed's own view of the job stays
+    at one process, and the first ZeRO-3 model construction stops with "train_batch_size 4 != 2 * 1 * 1". On
+    GPUs accelerate starts it itself."""
+    config = _deepspeed_config(argv, from_file)
+    if config is None:
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, with gloo below
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("--deepspeed needs DeepSpeed: pip install 'medcare[deepspeed]' (or pip install deepspeed)"
+                        ) from None
+    if config and not config.lstrip().startswith("{") and not os.path.isfile(config):
+        raise UserError(f"--deepspeed {config}: no such DeepSpeed config file")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        import deepspeed.comm
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
 def _required(stage: int, run: RunArguments, targs) -> list[str]:

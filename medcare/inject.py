@@ -88,8 +88,9 @@ def freeze_non_adapters(model: nn.Module) -> InjectionReport:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        report.total += p.numel()
-        report.trainable += p.numel() if p.requires_grad else 0
+        numel = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partitioned parameter holds no local data
+        report.total += numel
+        report.trainable += numel if p.requires_grad else 0
     return report
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,10 +55,28 @@ def say(message: str, err: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def check_targets(config, names: list[str]) -> None:
+@contextmanager
+def no_zero3_init(targs):
+    """Model construction without DeepSpeed's ZeRO-3 partitioning (transformers applies it to every model built
+    while a ZeRO-3 TrainingArguments is alive): for the weightless skeleton below, which zero.Init cannot
+    partition (meta tensors hold no data)."""
+    hf_config = getattr(targs, "hf_deepspeed_config", None)
+    if hf_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
+
+
+def check_targets(config, names: list[str], targs=None) -> None:
     """The projections to adapt exist in this architecture: checked on a weightless (meta) skeleton, so
     a wrong name costs no weight loading."""
-    with torch.device("meta"):
+    with no_zero3_init(targs), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     found = {attr for _, _, attr, _ in find_linears(skeleton, tuple(names))}
     missing = [n for n in names if n not in found]
@@ -121,7 +140,7 @@ def _base_meta(path: str, model) -> dict:
 def run_stage1(argv: list[str]) -> StageResult:
     args = parse_stage_args(1, argv)
     run, cfg, targs = args.run, args.cfg, args.targs
-    check_targets(load_config(run.model), cfg.attn_targets + cfg.mlp_targets)
+    check_targets(load_config(run.model), cfg.attn_targets + cfg.mlp_targets, targs)
     tokenizer, dataset = _tokenized(run)
     model = load_model(run.model, resolve_dtype(run.model_dtype))
     set_seed(targs.seed)  # before the adapters are created: their initial values depend on --seed only
@@ -142,7 +161,7 @@ def run_stage2(argv: list[str]) -> StageResult:
     cfg = resolve_stage2(args.cfg, stage1.stage1)
     config = load_config(run.model)
     ckpt.check_base_matches(stage1, config)  # before loading any weights
-    check_targets(config, cfg.targets)
+    check_targets(config, cfg.targets, targs)
     tokenizer, dataset = _tokenized(run)
     model = load_model(run.model, resolve_dtype(run.model_dtype))
     set_seed(targs.seed)  # the fresh alignment A is drawn here: the same on every process and every run

@@ -21,6 +21,7 @@ the model as it was.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -71,10 +72,23 @@ def merge_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], scali
         delta = scalings[role] * (tensors[f"{name}.{role}.lora_b"].float() @ a.float())
         deltas[name] = deltas[name] + delta if name in deltas else delta
         merged += 1
-    for name, delta in deltas.items():
-        w = weights[name]
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+    with _whole(list(weights.values())):
+        for name, delta in deltas.items():
+            w = weights[name]
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
     return merged
+
+
+def _whole(params: list[torch.Tensor]):
+    """A context in which the parameters are whole: under DeepSpeed ZeRO-3 (a model built while a ZeRO-3
+    TrainingArguments is alive is partitioned as it loads) they are gathered, and what rank 0 writes into them
+    is partitioned again on exit (every rank computes the same delta); otherwise nothing to do."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 def build_stage_model(model: nn.Module, stage: StageDir, *, experts: str = "drop", merged: bool = False,

@@ -359,6 +359,10 @@ def fit(model, tokenizer, dataset, targs, meta: dict, *, resume: str | None = No
                              extra_tensors=extra_tensors, routing=routing)
     if targs.should_save:
         remove_partial_checkpoints(targs.output_dir)
+    if trainer._sharded_params and trainer.is_world_process_zero():
+        how = "DeepSpeed ZeRO-3" if trainer.is_deepspeed_enabled else "FSDP"
+        print(f"medcare: parameters sharded by {how} over {targs.world_size} processes; the orthogonality "
+              f"penalty is collected inside each projection's forward, the adapters are gathered to save")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(targs.output_dir)
     trainer.save_state()  # trainer_state.json beside the adapters: the run's log_history (loss, orth_loss, ...)

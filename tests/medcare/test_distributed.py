@@ -4,8 +4,8 @@ equal a single-process run over the same global batch (2 processes x 2 = 1 proce
 function of the seed and the global batch, not of the process count). Under FSDP2 the orthogonality penalty,
 collected inside each projection's forward, has the same non-zero gradient as on one process.
 
-DeepSpeed is not installed on the CI machines; FSDP1 needs a GPU in this setup. See README "Running at
-scale" for the GPU commands."""
+DeepSpeed ZeRO-3 is tested the same way in test_deepspeed.py; FSDP1 needs a GPU in this setup. See README
+"Running at scale" for the GPU commands."""
 
 from __future__ import annotations
 
