@@ -118,3 +118,54 @@ def test_a_missing_deepspeed_config_is_one_line(env, tmp_path, capfd):
                     "--deepspeed", tmp_path / "nope.json"])
     line = user_error_line(capfd)
     assert rc == 2 and "nope.json: no such DeepSpeed config file" in line, line
+
+
+# Under torchrun, both ranks kill themselves (SIGKILL) at the end of optimizer step N, before that step's
+# checkpoint: the same point on every run, whatever the timing.
+KILL_DRIVER = r'''
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from transformers import TrainerCallback
+from medcare import train, trainer
+
+at = int(os.environ["KILL_AT_STEP"])
+
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == at:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Killable(trainer.MedCareTrainer):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.add_callback(Kill())
+
+
+trainer.MedCareTrainer = Killable
+train.exit_process(train.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_zero3_killed_and_resumed_ends_where_one_uninterrupted_process_does(env, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, "--top_k", "4", *COMMON,
+            "--max_steps", "4", "--lr_scheduler_type", "cosine", "--warmup_steps", "1"]
+    zero3 = ["--output", tmp_path / "zero3", "--per_device_train_batch_size", "2", "--deepspeed", env["ds"],
+             "--save_strategy", "steps", "--save_steps", "1"]
+    os.environ["KILL_AT_STEP"] = "3"
+    try:
+        proc = torchrun([driver, *argv, *zero3], check=False)
+    finally:
+        del os.environ["KILL_AT_STEP"]
+    assert proc.returncode != 0 and not (tmp_path / "zero3" / "adapter.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "zero3").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    torchrun(["-m", "medcare.train", *argv, *zero3, "--resume_from_checkpoint", "last"])
+    assert run_train(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
+    assert_same_adapters(tmp_path / "zero3", tmp_path / "one")

@@ -68,12 +68,12 @@ def env(tmp_path_factory, chatml_tokenizer):
     return dict(root=root, base=base, stage1=stage1, data=write_jsonl(root / "data.jsonl", records(12)))
 
 
-def torchrun(args, timeout=240) -> subprocess.CompletedProcess:
+def torchrun(args, timeout=240, check=True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU test everywhere: gloo, and the same device as the reference run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
