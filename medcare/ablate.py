@@ -334,7 +334,7 @@ def chart(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = ["base", *report["rows"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         if name == "base":
@@ -349,7 +349,7 @@ def chart(report: dict, path: str) -> None:
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(HEADLINE))], [m for m, _ in HEADLINE])
     ax.set_ylabel("% on held-out data")
     ax.set_title(f"medcare.ablate ({report['seeds']} seed(s){', bars: half the range' if report['seeds'] > 1 else ''})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
