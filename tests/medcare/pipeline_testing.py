@@ -223,3 +223,17 @@ def pipeline_env(tmp_path_factory, tokenizer, name: str, n_records: int) -> dict
     root = tmp_path_factory.mktemp(name)
     base = save_base(root / "base", tiny_model("qwen2", len(tokenizer)), tokenizer)
     return dict(root=root, base=base, data=write_jsonl(root / "data.jsonl", records(n_records)))
+
+
+def multiprocess_env(root, tokenizer) -> dict:
+    """What the multi-process tests (test_distributed, test_deepspeed) train from: a saved tiny Qwen2 base, a
+    stage-1 directory with random adapters, and 12 records of data."""
+    from medcare.checkpoint import adapter_state, save_stage
+    from medcare.inject import apply_stage1
+
+    base = save_base(root / "base", tiny_model("qwen2", len(tokenizer)), tokenizer)
+    model = tiny_model("qwen2", len(tokenizer))
+    apply_stage1(model, stage1_config())
+    randomize_adapters(model, std=0.1)
+    stage1 = save_stage(str(root / "stage1"), adapter_state(model), stage1_meta(stage1_config(), model, base))
+    return dict(root=root, base=base, stage1=stage1, data=write_jsonl(root / "data.jsonl", records(12)))

@@ -18,22 +18,15 @@ import sys
 import pytest
 import torch
 from pipeline_testing import (
+    multiprocess_env,
     one_thread,
-    randomize_adapters,
-    records,
     run_train,
-    save_base,
-    stage1_config,
-    stage1_meta,
-    tiny_model,
     user_error_line,
-    write_jsonl,
 )
 from safetensors.torch import load_file
 from test_distributed import ATOL, COMMON, REPO, STAGE1, assert_same_adapters, torchrun, trained
 
-from medcare.checkpoint import adapter_state, read_stage, save_stage
-from medcare.inject import apply_stage1
+from medcare.checkpoint import read_stage
 
 RECIPE = os.path.join(REPO, "recipes", "ds_zero3.json")
 
@@ -45,28 +38,28 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, chatml_tokenizer):
-    root = tmp_path_factory.mktemp("deepspeed")
-    base = save_base(root / "base", tiny_model("qwen2", len(chatml_tokenizer)), chatml_tokenizer)
-    model = tiny_model("qwen2", len(chatml_tokenizer))
-    apply_stage1(model, stage1_config())
-    randomize_adapters(model, std=0.1)
-    stage1 = save_stage(str(root / "stage1"), adapter_state(model), stage1_meta(stage1_config(), model, base))
+    return multiprocess_env(tmp_path_factory.mktemp("deepspeed"), chatml_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory) -> str:
+    """The shipped ZeRO-3 recipe with the two test settings of the module docstring."""
     with open(RECIPE, encoding="utf-8") as f:
         config = json.load(f)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     config["zero_allow_untested_optimizer"] = True
-    ds = root / "ds_zero3_test.json"
-    ds.write_text(json.dumps(config))
-    return dict(root=root, base=base, stage1=stage1, ds=str(ds), data=write_jsonl(root / "data.jsonl", records(12)))
+    path = tmp_path_factory.mktemp("deepspeed") / "ds_zero3_test.json"
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_stage1_zero3_two_processes_equal_one_process(env, tmp_path):
+def test_stage1_zero3_two_processes_equal_one_process(env, ds, tmp_path):
     # top_k = num_experts: as for DDP (test_distributed), a near-tie top-2 choice could flip between runs.
     argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, "--top_k", "4", *COMMON]
     proc = torchrun(["-m", "medcare.train", *argv, "--output", tmp_path / "zero3", "--per_device_train_batch_size",
-                     "2", "--deepspeed", env["ds"]])
+                     "2", "--deepspeed", ds])
     assert proc.stdout.count("medcare: stage 1 saved to") == 1  # one job, one writer
     assert "medcare: parameters sharded by DeepSpeed ZeRO-3 over 2 processes" in proc.stdout
     assert run_train(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
@@ -77,11 +70,11 @@ def test_stage1_zero3_two_processes_equal_one_process(env, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_stage2_zero3_orth_penalty_and_export_equal_one_process(env, tmp_path):
+def test_stage2_zero3_orth_penalty_and_export_equal_one_process(env, ds, tmp_path):
     argv = ["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", env["data"], "--dropout", "0",
             "--orth_lambda", "0.5", *COMMON]
     torchrun(["-m", "medcare.train", *argv, "--output", tmp_path / "zero3", "--per_device_train_batch_size", "2",
-              "--deepspeed", env["ds"]])
+              "--deepspeed", ds])
     assert run_train(argv + ["--output", tmp_path / "one", "--per_device_train_batch_size", "4"]) == 0
     assert_same_adapters(tmp_path / "zero3", tmp_path / "one")
     shared = {k.replace(".shared.", ".knowledge."): v for k, v in read_stage(env["stage1"]).tensors.items()}
@@ -152,12 +145,12 @@ train.exit_process(train.main(sys.argv[1:]))
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_zero3_killed_and_resumed_ends_where_one_uninterrupted_process_does(env, tmp_path):
+def test_zero3_killed_and_resumed_ends_where_one_uninterrupted_process_does(env, ds, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
     argv = ["stage1", "--model", env["base"], "--data", env["data"], *STAGE1, "--top_k", "4", *COMMON,
             "--max_steps", "4", "--lr_scheduler_type", "cosine", "--warmup_steps", "1"]
-    zero3 = ["--output", tmp_path / "zero3", "--per_device_train_batch_size", "2", "--deepspeed", env["ds"],
+    zero3 = ["--output", tmp_path / "zero3", "--per_device_train_batch_size", "2", "--deepspeed", ds,
              "--save_strategy", "steps", "--save_steps", "1"]
     os.environ["KILL_AT_STEP"] = "3"
     try:

@@ -17,20 +17,14 @@ import sys
 import pytest
 import torch
 from pipeline_testing import (
+    multiprocess_env,
     one_thread,
-    randomize_adapters,
-    records,
     run_train,
-    save_base,
-    stage1_config,
-    stage1_meta,
-    tiny_model,
-    write_jsonl,
 )
 from safetensors.torch import load_file
 
 import medcare
-from medcare.checkpoint import ADAPTER_FILE, adapter_state, read_stage, save_stage
+from medcare.checkpoint import ADAPTER_FILE, read_stage
 from medcare.inject import adapter_modules
 from medcare.losses import orth_loss
 
@@ -57,15 +51,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, chatml_tokenizer):
-    root = tmp_path_factory.mktemp("distributed")
-    base = save_base(root / "base", tiny_model("qwen2", len(chatml_tokenizer)), chatml_tokenizer)
-    model = tiny_model("qwen2", len(chatml_tokenizer))
-    from medcare.inject import apply_stage1
-
-    apply_stage1(model, stage1_config())
-    randomize_adapters(model, std=0.1)
-    stage1 = save_stage(str(root / "stage1"), adapter_state(model), stage1_meta(stage1_config(), model, base))
-    return dict(root=root, base=base, stage1=stage1, data=write_jsonl(root / "data.jsonl", records(12)))
+    return multiprocess_env(tmp_path_factory.mktemp("distributed"), chatml_tokenizer)
 
 
 def torchrun(args, timeout=240, check=True) -> subprocess.CompletedProcess:
