@@ -3,6 +3,7 @@
     python -m medcare.ablate                                # the demo's data on SmolLM2-135M-Instruct, one seed
     python -m medcare.ablate --variants medcare,no_orth --seeds 3 --output ablation
     python -m medcare.ablate --tiny --max-steps 2           # the pipeline on the tiny random model (a check)
+    python -m medcare.ablate --model MY_MODEL --data s1.jsonl s2.jsonl eval.jsonl eval_align.jsonl
 
 Every variant trains on the same base, data, seed and token budget with the demo's settings (medcare.demo: the
 same stage commands, flags and evaluation), one after another, and is scored on the held-out knowledge questions
@@ -39,7 +40,7 @@ from . import alignment, demo
 from .base_model import smollm2
 from .config import Stage1Config
 from .files import write_json
-from .loading import CommandParser, UserError
+from .loading import CommandParser, UserError, load_config
 from .trainer import TrainingDiverged
 
 
@@ -74,6 +75,11 @@ def _parser() -> CommandParser:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1; the table gives mean and spread")
     ap.add_argument("--tiny", action="store_true", help="the tiny random model (a pipeline check; nothing is learned)")
+    ap.add_argument("--model", default=None, help="your base model directory instead of SmolLM2-135M-Instruct (trained "
+                                                  "with the demo's settings for a pretrained model)")
+    ap.add_argument("--data", nargs=4, default=None, metavar=("STAGE1", "STAGE2", "EVAL", "EVAL_ALIGN"),
+                    help="your data instead of the demo's: stage-1 and stage-2 training files, held-out multiple-"
+                         "choice questions and held-out alignment tasks (medcare.eval formats)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps (a check)")
     return ap
 
@@ -187,11 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         names = _variants(args.variants)
         if args.seeds < 1:
             raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.model and args.tiny:
+            raise UserError("--model and --tiny exclude each other")
+        for path in args.data or ():
+            if not os.path.isfile(path):
+                raise UserError(f"--data {path}: no such file")
         kind = "tiny" if args.tiny else "smollm2"
         root = os.path.abspath(args.output)
         t0 = time.time()
-        base = smollm2() if not args.tiny else None
-        data = demo.write_data(os.path.join(root, "data"), english_only=not args.tiny)
+        if args.model:
+            load_config(args.model)  # a missing or unusable model directory is one line, before anything is written
+        base = args.model or (smollm2() if not args.tiny else None)
+        if args.data:
+            data = tuple(os.path.abspath(p) for p in args.data)
+            os.makedirs(os.path.join(root, "data"), exist_ok=True)
+        else:
+            data = demo.write_data(os.path.join(root, "data"), english_only=not args.tiny)
         if args.tiny:
             base = os.path.join(root, "base")
             step(base, lambda: demo.build_base_model(base) and None)
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         refs = {name: STAGE1[VARIANTS[name].stage1][0] for name in names if VARIANTS[name].stage1}
         report = summarise(base_scores, per_seed, refs)
         report.update(variants={n: VARIANTS[n].title for n in names}, seeds=args.seeds, base=base,
-                      data=os.path.join(root, "data"), flags=flags, epochs=epochs, budget=budget,
+                      data=list(data), flags=flags, epochs=epochs, budget=budget,
                       seconds=round(time.time() - t0))
         write_json(os.path.join(root, "ablation.json"), report)
         text = table(report)

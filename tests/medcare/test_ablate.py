@@ -88,6 +88,20 @@ def test_variants_train_what_they_should_and_a_killed_ablation_resumes(tmp_path,
     assert meta(seed / "no_orth" / "stage2")["stage2"]["orth_lambda"] == 0.0
     assert "no_orth" in json.loads((out / "ablation.json").read_text())["rows"]
 
+    # The user's own model and data: the tiny base saved above and copies of the data under other names.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = [mine / f"{name}.jsonl" for name in ("s1", "s2", "questions", "tasks")]
+    for src, dst in zip(("stage1", "stage2", "eval", "eval_align"), files, strict=True):
+        dst.write_text((out / "data" / f"{src}.jsonl").read_text())
+    own = tmp_path / "own"
+    assert ablate.main(["--model", str(out / "base"), "--data", *map(str, files), "--max-steps", "2",
+                        "--variants", "no_orth", "--output", str(own)]) == 0
+    report = json.loads((own / "ablation.json").read_text())
+    assert report["base"] == str(out / "base") and report["data"] == list(map(str, files))
+    assert meta(own / "seed-0" / "no_orth" / "stage2")["base_model"]["path"] == str(out / "base")
+    assert not (own / "data" / "stage1.jsonl").exists()  # the demo's data was not used
+
 
 @pytest.mark.parametrize("variants, message", [
     ("no_router", "unknown variant 'no_router'"),
@@ -139,3 +153,18 @@ def test_verdict_says_whether_a_difference_exceeds_the_seed_spread():
     one = ablate.verdict(_report({"medcare": [0.5], "no_orth": [0.4]}))
     assert one[0] == "- no_orth vs MedCare: named -10.0" and "one seed: no spread is measured" in one[1]
     assert "(within the spread" in ablate.table(_report({"medcare": [0.5, 0.6], "no_orth": [0.5, 0.55]}))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--model", "{tmp}/no-such-model"], "no-such-model"),
+    (["--model", "{tmp}", "--tiny"], "--model and --tiny exclude each other"),
+    (["--data", "{tmp}/a.jsonl", "{tmp}/b.jsonl", "{tmp}/c.jsonl", "{tmp}/d.jsonl"],
+     "--data {tmp}/a.jsonl: no such file"),
+])
+def test_bad_model_or_data_is_one_line_and_writes_nothing(tmp_path, capsys, options, message):
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    assert ablate.main([*options, "--output", str(tmp_path / "ab")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medcare.ablate: error: "), err
+    assert message.replace("{tmp}", str(tmp_path)) in err[0]
+    assert not (tmp_path / "ab").exists()
