@@ -154,7 +154,7 @@ class Ablation:
 
     def train(self, path: str, argv: list[str]) -> dict:
         try:
-            return step(path, lambda: demo.run_command([argv[0], *argv[1:], "--output", path]) and None)
+            return step(path, lambda: demo.run_command([*argv, "--output", path]) and None)
         except TrainingDiverged as exc:
             raise UserError(f"{path}: training diverged ({exc}); lower the learning rate in medcare.demo.BASE_FLAGS "
                             f"or pick another seed") from None
