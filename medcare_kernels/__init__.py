@@ -7,6 +7,8 @@
     lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout=0.0) -> y
     route_topk(logits, top_k) -> (gates [..., E] fp32, indices [..., K])
     orth_penalty(a_base, a_orth) -> scalar
+    linear_cross_entropy(x, weight, bias, labels, *, ignore_index=-100, reduction="mean", chunk_size=None)
+                                                -> scalar: an LM head's loss, logits only one chunk of rows at a time
     reference               the same functions in plain PyTorch: the math
     use_backend(name)       auto | torch | triton | ext (also $MEDCARE_KERNELS_BACKEND)
     resolved_backend(op, device)  the backend a call of op on device would run on now
@@ -25,9 +27,17 @@ import torch
 from . import _backend, _ext, _validate, reference
 from ._backend import BackendUnavailableError, available_backends, current_backend, resolved_backend, use_backend
 from ._ext import HAS_EXT
-from .ops import lora_torch, molora_gate_up_torch, molora_torch, orth_penalty_torch, routing_torch
+from .ops import (
+    linear_cross_entropy_torch,
+    lora_torch,
+    molora_gate_up_torch,
+    molora_torch,
+    orth_penalty_torch,
+    routing_torch,
+)
 
-__all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "reference", "use_backend",
+__all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "linear_cross_entropy",
+           "reference", "use_backend",
            "current_backend", "resolved_backend", "available_backends", "BackendUnavailableError", "HAS_EXT"]
 __version__ = "0.1.0"
 
@@ -36,6 +46,7 @@ _backend.register("torch", "molora_gate_up", molora_gate_up_torch.molora_gate_up
 _backend.register("torch", "lora_linear", lora_torch.lora_linear)
 _backend.register("torch", "route_topk", routing_torch.route_topk)
 _backend.register("torch", "orth_penalty", orth_penalty_torch.orth_penalty)
+_backend.register("torch", "linear_cross_entropy", linear_cross_entropy_torch.linear_cross_entropy)
 try:  # Triton ships for Linux x86-64/aarch64; elsewhere the torch (and ext) backends remain
     from .ops import lora_triton, molora_gate_up_triton, molora_triton
 except ImportError as exc:
@@ -132,3 +143,22 @@ def orth_penalty(a_base: Sequence[torch.Tensor], a_orth: Sequence[torch.Tensor])
     impl = _backend.resolve("orth_penalty", a_base[0].device)
     with torch.autocast(a_base[0].device.type, enabled=False):  # fp32 accumulation even inside an autocast forward
         return impl(list(a_base), list(a_orth))
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, *,
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None
+                         ) -> torch.Tensor:
+    """Cross-entropy of the logits x W^T + b against labels, computed only at rows whose label is not
+    ignore_index and a chunk of rows at a time (recomputed in backward): never the logits of all rows at once.
+
+    Shapes: x [..., Din]; weight [V, Din]; bias [V] | None; labels [...] int64 (x's leading dims; no shift is
+    applied: pair each row with its own target). Returns a float32 scalar (float64 for float64 x): the sum,
+    or the mean over labelled rows (NaN when none is labelled, as torch's). chunk_size: rows per chunk
+    (default: as many as keep one chunk's float32 logits in 128 MiB). The logits are x's dtype, upcast to
+    float32 like the plain head's (reference.linear_cross_entropy).
+    """
+    _validate.check_linear_cross_entropy(x, weight, bias, labels, ignore_index, reduction, chunk_size)
+    x = _autocast_input(x)
+    impl = _backend.resolve("linear_cross_entropy", x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(x, weight, bias, labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)

@@ -182,3 +182,19 @@ def check_orth_penalty(a_base: Sequence, a_orth: Sequence) -> None:
         if a.device != a_base[0].device or b.device != a_base[0].device:
             _fail(op, f"pair {i} is on {a.device}/{b.device} but a_base[0] is on {a_base[0].device}; "
                       f"all tensors must share a device")
+
+
+def check_linear_cross_entropy(x, weight, bias, labels, ignore_index, reduction, chunk_size) -> None:
+    op = "linear_cross_entropy"
+    _linear_args(op, x, weight, bias)
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+        _fail(op, f"labels must be an int64 tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != tuple(x.shape[:-1]):
+        _fail(op, f"labels must have x's leading shape {list(x.shape[:-1])}, got {_shape(labels)}")
+    _same_device(op, {"x": x, "weight": weight, "bias": bias, "labels": labels})
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        _fail(op, f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in ("mean", "sum"):
+        _fail(op, f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None:
+        _positive_int(op, "chunk_size", chunk_size)

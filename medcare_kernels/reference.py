@@ -13,6 +13,7 @@ Rs shared rank.
     molora_linear:  y = x W^T + b + s * sum_{j<K} w_j B_{I_j} A_{I_j} drop(x) + s * Bs As drop(x)
     molora_gate_up: (molora_linear(x, *gate), molora_linear(x, *up)) with ONE dropout draw for both
     orth_penalty:   L = sum_pairs sum_ij | A_base A_orth^T |_ij
+    linear_cross_entropy: L = sum_{t: y_t != ignore} (logsumexp(x_t W^T + b) - (x_t W^T + b)_{y_t}) [/ count]
 
 `drop` is inverted dropout on the adapters' input only (the base GEMM and the router see x); one mask
 is drawn per call and shared by all adapters packed in lora_a (see `dropout_keep_mask`). The GEMMs run in
@@ -26,8 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "dropout_keep_mask",
-           "router_dtype"]
+__all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "linear_cross_entropy",
+           "dropout_keep_mask", "router_dtype"]
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,3 +162,17 @@ def orth_penalty(a_base: Sequence[torch.Tensor], a_orth: Sequence[torch.Tensor])
         term = (a.to(dt) @ b.to(dt).T).abs().sum()
         total = term if total is None else total + term
     return total
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, *,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits x W^T + b against labels, as a language-model head computes it: the logits
+    in x's dtype, upcast to float32 (float64 stays) for the softmax; rows labelled ignore_index contribute
+    nothing. reduction "sum", or "mean" over the labelled rows (NaN when there is none, as torch's).
+
+    Shapes: x [..., Din]; weight [V, Din]; bias [V] | None; labels [...] (int64, x's leading dims).
+    This is the plain head: it holds all logits [T, V] at once (the memory the fused op avoids).
+    """
+    logits = F.linear(x, weight.to(x.dtype), _like(bias, x)).to(router_dtype(x.dtype))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)

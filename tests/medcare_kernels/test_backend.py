@@ -56,7 +56,8 @@ def test_unbuilt_backends_raise_clearly_when_requested(name, monkeypatch):
 def test_available_backends_explains_each():
     status = mk.available_backends()
     assert set(status) == {"torch", "triton", "ext"}
-    assert status["torch"].startswith("available (lora_linear, molora_gate_up, molora_linear, orth_penalty, route_topk")
+    assert status["torch"].startswith("available (linear_cross_entropy, lora_linear, molora_gate_up, molora_linear, "
+                                    "orth_penalty, route_topk")
     # HAS_EXT says exactly whether the compiled ops are registered, and the status line agrees with both
     assert mk.HAS_EXT == bool(_backend._registry["ext"])
     if mk.HAS_EXT:
