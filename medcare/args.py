@@ -40,6 +40,9 @@ class RunArguments:
                                                                "bf16 GPU, else float32), float32, bfloat16, float16"})
     official_top_k: int = field(default=None, metadata={"help": "stage 2 from an original stage-1 directory whose "
                                                                 "config.json lacks num_experts_per_token"})
+    chunked_loss: bool = field(default=True, metadata={"help": "compute the LM loss only at supervised positions, "
+                                                               "a chunk of logits at a time (never all of them); "
+                                                               "false: the model's own loss head"})
     overwrite_output: bool = field(default=False, metadata={"help": "allow a non-empty --output (its stage "
                                                                     "directory and checkpoints are replaced)"})
 

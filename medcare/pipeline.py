@@ -149,7 +149,8 @@ def run_stage1(argv: list[str]) -> StageResult:
     meta = {"stage": 1, "stage1": cfg.to_dict(), "base_model": _base_meta(run.model, model)}
     routing = ExpertUsageCallback(model, cfg.router_aux_loss_coef, count=cfg.expert_usage) \
         if cfg.routed and (cfg.expert_usage or cfg.router_aux_loss_coef) else None
-    history = fit(model, tokenizer, dataset, targs, meta, resume=args.resume, routing=routing)
+    history = fit(model, tokenizer, dataset, targs, meta, resume=args.resume, routing=routing,
+                  chunked_loss=run.chunked_loss)
     say(f"medcare: stage 1 saved to {targs.output_dir}")
     return StageResult(targs.output_dir, history)
 
@@ -171,7 +172,7 @@ def run_stage2(argv: list[str]) -> StageResult:
     meta = {"stage": 2, "stage1": stage1.stage1.to_dict(), "stage2": built.stage2.to_dict(),
             "stage1_dir": os.path.abspath(run.stage1), "base_model": _base_meta(run.model, model)}
     history = fit(model, tokenizer, dataset, targs, meta, resume=args.resume, orth_lambda=cfg.orth_lambda,
-                  extra_tensors=built.attention)
+                  extra_tensors=built.attention, chunked_loss=run.chunked_loss)
     say(f"medcare: stage 2 saved to {targs.output_dir}")
     return StageResult(targs.output_dir, history)
 

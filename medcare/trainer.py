@@ -7,7 +7,8 @@ each stage, and the reliability the CLI promises.
                           gradient accumulation; checkpoints published by rename; a deterministic data order
     ReliabilityCallback   the numerical guard before every optimizer step, the data order's epoch
     ExpertUsageCallback   stage 1's expert-usage counters (medcare.usage) and load-balancing loss log
-    fit                   train one stage with them and write its stage directory
+    fit                   train one stage with them (and the chunked loss head, medcare.loss_head) and write
+                          its stage directory
 
 The penalty is computed on the live parameters (a real gradient). Under FSDP / ZeRO-3 parameters are whole
 only inside their module's forward, so there it is collected during the forward (OrthPenaltyCollector).
@@ -24,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import checkpoint as ckpt
+from . import loss_head
 from .data import DataCollator, EpochSampler
 from .files import publish_checkpoint
 from .losses import LoadBalanceCollector, OrthPenaltyCollector, orth_loss
@@ -347,13 +349,38 @@ class MedCareTrainer(Trainer):
                                f"learning rate, or check the data, then resume)")
 
 
+def install_loss_head(model, targs, chunked_loss: bool) -> loss_head.Installed | None:
+    """The chunked loss head (medcare.loss_head) where it computes the model's own loss exactly, else None and
+    a line saying why (printed once per job)."""
+    if not chunked_loss:
+        return None
+    why = loss_head.unsupported(model) or (
+        f"{targs.n_gpu} GPUs in one process (DataParallel replicas cannot share it); launch with torchrun"
+        if targs.n_gpu > 1 else None)
+    if why:
+        if targs.process_index == 0:
+            print(f"medcare: the chunked loss head is off: {why}; the model's own head computes every logit")
+        return None
+    return loss_head.install(model)
+
+
 def fit(model, tokenizer, dataset, targs, meta: dict, *, resume: str | None = None, orth_lambda: float = 0.0,
-        extra_tensors=None, routing: ExpertUsageCallback | None = None) -> list[dict]:
+        extra_tensors=None, routing: ExpertUsageCallback | None = None, chunked_loss: bool = True) -> list[dict]:
     """Train one stage with the HF Trainer and save its stage directory to targs.output_dir; returns the log
-    history. `resume`: the checkpoint directory to continue from (already resolved)."""
+    history. `resume`: the checkpoint directory to continue from (already resolved). `chunked_loss`: the
+    loss at supervised positions only, a chunk of logits at a time (medcare.loss_head), where it is exact."""
     if getattr(targs, "activation_checkpointing", False) or targs.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     model.config.use_cache = False
+    head = install_loss_head(model, targs, chunked_loss)
+    try:
+        return _fit(model, tokenizer, dataset, targs, meta, resume, orth_lambda, extra_tensors, routing)
+    finally:
+        if head is not None:
+            head.remove()
+
+
+def _fit(model, tokenizer, dataset, targs, meta, resume, orth_lambda, extra_tensors, routing) -> list[dict]:
     trainer = MedCareTrainer(model=model, args=targs, train_dataset=dataset, data_collator=DataCollator(tokenizer),
                              processing_class=tokenizer, stage_meta=meta, orth_lambda=orth_lambda,
                              extra_tensors=extra_tensors, routing=routing)

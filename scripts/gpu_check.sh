@@ -4,13 +4,13 @@
 # path _triton_gemm.DEFAULT_GEMM should be), every benchmark suite, then a per-kernel profile of one MoLoRA
 # projection. Logs and a results tarball under $OUT (the tool brings back few files).
 #   bash scripts/gpu_check.sh                    # all steps (over 600 s: use the three calls below)
-#   bash scripts/gpu_check.sh tests              # install + GPU tests only; also: gemm, bench, profile
+#   bash scripts/gpu_check.sh tests              # install + GPU tests only; also: gemm, bench, losshead, profile
 # Three device calls, each under the 600 s limit: `... tests` (380 s box: every GEMM path autotunes gemm2 per
 # shape and dtype on first use, compiles dominate), `... gemm`,
-# then `RUN_ALL_BUDGET=300 bash scripts/gpu_check.sh bench profile` (every case of every suite, plus the GPU
+# then `RUN_ALL_BUDGET=240 bash scripts/gpu_check.sh bench losshead profile` (every case of every suite, plus the GPU
 # busy-time pass). Each call reinstalls; the extension's build objects are kept between calls.
 set -uo pipefail
-STEPS="${*:-tests gemm bench profile}"
+STEPS="${*:-tests gemm bench losshead profile}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -40,6 +40,11 @@ BUDGET="${RUN_ALL_BUDGET:-150}"   # seconds after which run_all starts no new ca
 timeout $((BUDGET + 110)) python3 benchmarks/run_all.py --device cuda --time-budget "$BUDGET" --output "$RES" \
   >"$OUT/run_all.log" 2>&1
 echo "run_all rc=$? in $((SECONDS - t0)) s"; grep -E "agreement|skipped|run_all|Error" "$OUT/run_all.log" | tail -30
+fi
+if want losshead; then  # the chunked loss head vs the model's own, stage-1 step at the 0.5B, 1.5B and 7B shapes
+t0=$SECONDS
+timeout 240 python3 benchmarks/bench_loss_head.py --device cuda --steps 5 --output "$RES" >"$OUT/loss_head.log" 2>&1
+echo "bench_loss_head rc=$? in $((SECONDS - t0)) s"; grep -E "^\|" "$OUT/loss_head.log" | tail -8
 fi
 if want profile; then
 for shape in gate down; do

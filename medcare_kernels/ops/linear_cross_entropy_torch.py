@@ -2,14 +2,19 @@
 
 Fused: the head GEMM, the float32 upcast, logsumexp and the pick of the label's logit, over the labelled rows
 only (rows labelled ignore_index are dropped before any GEMM: with assistant-only labels that is about half
-of them), a chunk of C rows at a time. Forward keeps per row only the logsumexp [N] (float32).
+of them), a chunk of C rows at a time; and, while a chunk's logits are at hand and autograd will need them,
+its gradient: dlogits = softmax - onehot (float32, cast to x's dtype as autograd does for the plain head),
+dx_rows = dlogits W, dW += dlogits^T x_rows, db += sum(dlogits). Backward then only scales these by the
+incoming gradient (/ N for the mean) and scatters dx_rows back to their rows.
 
-Saved for backward: the labelled rows of x [N, Din] (a gathered copy, smaller than the x the plain head
-saves), their labels and logsumexp [N], and weight / bias (parameters: no copies). Backward recomputes each
-chunk's logits and forms dlogits = g * (softmax - onehot) in float32, cast to x's dtype as autograd does for
-the plain head, then dx_rows = dlogits W, dW += dlogits^T x_rows, db += sum(dlogits). Peak extra memory is one
-chunk's [C, V] in float32 (plus its cast), never [T, V]: the chunk is sized by CHUNK_BYTES.
+Why gradients in forward rather than logits recomputed in backward: both keep peak extra memory to one
+chunk's [C, V] in float32 (sized by CHUNK_BYTES), never [T, V]; this way each chunk costs two GEMMs instead of
+three (one fewer [C, Din] x [Din, V] per chunk: measured 0.96x -> see benchmarks/bench_loss_head.py), and
+backward needs neither x nor the weight, so FSDP / ZeRO-3 need not gather the head's weight again for it.
+The gradients are computed whenever the inputs require grad; a forward without a backward wastes them.
 
+Saved for backward: dx_rows [N, Din] (x's dtype; the size of the x rows the plain head would save), the row
+index [N], and for a trainable weight / bias their float32 gradients [V, Din] / [V].
 The logits of a chunk are exactly the plain head's (same GEMM in x's dtype, same upcast), so loss and
 gradients agree with medcare_kernels.reference.linear_cross_entropy to rounding.
 """
@@ -47,42 +52,48 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             raise ValueError(f"linear_cross_entropy: labels must be ignore_index ({ignore_index}) or in "
                              f"[0, {weight.shape[0]}), got values from {int(targets.min())} to {int(targets.max())}")
         acc = router_dtype(x.dtype)
-        lse = torch.empty(n, dtype=acc, device=x.device)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        dx_rows = torch.empty_like(x_rows) if need_x else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=x.device)
         for s in range(0, n, chunk):
-            logits = _chunk_logits(x_rows[s:s + chunk], weight, bias)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            total += (lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
-        ctx.save_for_backward(x_rows, targets, lse, rows, weight, bias)
-        ctx.shape, ctx.mean, ctx.chunk = x.shape, mean, chunk
+            xc, tc = x_rows[s:s + chunk], targets[s:s + chunk, None]
+            logits = _chunk_logits(xc, weight, bias)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, tc)).sum()
+            if need_x or need_w or need_b:
+                probs = logits.sub_(lse).exp_()  # in place: the chunk's logits are not needed again
+                probs.scatter_add_(1, tc, torch.full_like(lse, -1.0))
+                _chunk_grads(probs.to(x.dtype), xc, weight, dx_rows, dw, db, s)
+        ctx.save_for_backward(dx_rows, dw, db, rows)
+        ctx.shape, ctx.mean, ctx.n, ctx.dtypes = x.shape, mean, n, (weight.dtype, None if bias is None else bias.dtype)
         return total / n if mean else total
 
     @staticmethod
     def backward(ctx, grad):
-        x_rows, targets, lse, rows, weight, bias = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, chunk = rows.numel(), ctx.chunk
-        scale = grad.to(lse.dtype) / n if ctx.mean else grad.to(lse.dtype)
-        dx_rows = torch.empty_like(x_rows) if need_x else None
-        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        db = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_b else None
-        for s in range(0, n, chunk):
-            xc, tc = x_rows[s:s + chunk], targets[s:s + chunk]
-            probs = _chunk_logits(xc, weight, bias).sub_(lse[s:s + chunk, None]).exp_()
-            probs[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0
-            dlogits = probs.mul_(scale).to(x_rows.dtype)
-            if need_x:
-                dx_rows[s:s + chunk] = dlogits @ weight
-            if need_w:
-                dw.addmm_(dlogits.T.to(dw.dtype), xc.to(dw.dtype))
-            if need_b:
-                db += dlogits.sum(0, dtype=db.dtype)
+        dx_rows, dw, db, rows = ctx.saved_tensors
+        scale = grad / ctx.n if ctx.mean else grad
         dx = None
-        if need_x:
-            dx = torch.zeros((ctx.shape.numel() // ctx.shape[-1], ctx.shape[-1]), dtype=x_rows.dtype,
-                             device=x_rows.device).index_copy_(0, rows, dx_rows).view(ctx.shape)
-        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None)
+        if dx_rows is not None:
+            shape = ctx.shape
+            dx = torch.zeros((shape.numel() // shape[-1], shape[-1]), dtype=dx_rows.dtype, device=dx_rows.device)
+            scaled = (dx_rows.to(scale.dtype) * scale).to(dx_rows.dtype) if dx_rows.numel() else dx_rows
+            dx = dx.index_copy_(0, rows, scaled).view(shape)
+        dw = None if dw is None else (dw * scale).to(ctx.dtypes[0])
+        db = None if db is None else (db * scale).to(ctx.dtypes[1])
+        return dx, dw, db, None, None, None, None
+
+
+def _chunk_grads(dlogits, xc, weight, dx_rows, dw, db, start: int) -> None:
+    """The unscaled gradients of one chunk: dlogits [C, V] (x's dtype) = softmax - onehot."""
+    if dx_rows is not None:
+        dx_rows[start:start + dlogits.shape[0]] = dlogits @ weight
+    if dw is not None:
+        dw.addmm_(dlogits.T.to(dw.dtype), xc.to(dw.dtype))
+    if db is not None:
+        db += dlogits.sum(0, dtype=db.dtype)
 
 
 def linear_cross_entropy(x, weight, bias, labels, *, ignore_index: int = -100, reduction: str = "mean",

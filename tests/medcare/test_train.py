@@ -34,6 +34,7 @@ from pipeline_testing import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import medcare_kernels as mk
 from medcare import trainer as trainer_mod
 from medcare.checkpoint import (
     ADAPTER_FILE,
@@ -202,13 +203,13 @@ def test_no_orth_loss_logged_without_the_penalty(env, tmp_path):
 
 
 # ------------------------------------------------------------------------------ gradient accumulation
-def one_step(env, out, batch: int, accumulation: int, data: str) -> dict[str, torch.Tensor]:
+def one_step(env, out, batch: int, accumulation: int, data: str, *extra) -> dict[str, torch.Tensor]:
     argv = ["stage2", "--model", env["base"], "--stage1", env["stage1"], "--data", data, "--output", out,
             "--rank", "8", "--dropout", "0", "--orth_lambda", "2", "--max_steps", "1",
             "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation,
             "--optim", "sgd", "--learning_rate", "0.05", "--max_grad_norm", "0", "--weight_decay", "0",
             "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--train_sampling_strategy", "sequential",
-            "--logging_steps", "1", *QUIET]
+            "--logging_steps", "1", *QUIET, *extra]
     assert run_train(argv) == 0
     return load_file(os.path.join(out, ADAPTER_FILE))
 
@@ -233,6 +234,24 @@ def test_gradient_accumulation_gives_the_same_step(env, tmp_path):
     full = one_step(env, tmp_path / "full", 8, 1, env["data"])
     split = one_step(env, tmp_path / "split", 2, 4, env["data"])
     assert_same_update(env, full, split)
+
+
+def test_chunked_loss_head_is_on_by_default_and_takes_the_plain_heads_step(env, tmp_path, monkeypatch, capfd):
+    """The loss head that never holds all logits (medcare.loss_head) against the model's own, with gradient
+    accumulation (the Trainer's num_items_in_batch path) and the orthogonality penalty: the same step."""
+    calls = []
+    real = mk.linear_cross_entropy
+    monkeypatch.setattr(mk, "linear_cross_entropy", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    chunked = one_step(env, tmp_path / "chunked", 2, 4, env["data"])
+    assert len(calls) == 4  # one call per micro-batch
+    chunked_log = logged_steps(tmp_path / "chunked")
+    calls.clear()
+    plain = one_step(env, tmp_path / "plain", 2, 4, env["data"], "--chunked_loss", "false")
+    assert not calls
+    assert "chunked loss head is off" not in capfd.readouterr().out
+    assert chunked_log[0]["loss"] == pytest.approx(logged_steps(tmp_path / "plain")[0]["loss"], rel=1e-6)
+    for k in plain:
+        torch.testing.assert_close(chunked[k], plain[k], rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_accumulation_without_loss_kwargs(env, tmp_path, monkeypatch):
