@@ -1,6 +1,6 @@
 """The LM loss head of a stage-1 training step: the model's own head (logits [batch, length, vocab] at every
 position, upcast to fp32) vs medcare's chunked head (medcare.loss_head: the loss at supervised positions
-only, 220 rows of logits at a time, recomputed in backward), side by side in one run.
+only, 441 rows of fp32 logits at a time, each chunk's gradient formed in forward), side by side in one run.
 
     python benchmarks/bench_loss_head.py                      # CPU, fp32, Qwen2-0.5B shape, batch 4 x 1024
     python benchmarks/bench_loss_head.py --device cuda        # bf16: 0.5B, 1.5B and a 4-layer 7B shape

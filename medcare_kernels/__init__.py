@@ -149,12 +149,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None
                          ) -> torch.Tensor:
     """Cross-entropy of the logits x W^T + b against labels, computed only at rows whose label is not
-    ignore_index and a chunk of rows at a time (recomputed in backward): never the logits of all rows at once.
+    ignore_index, a chunk of rows at a time (each chunk's gradient formed in forward, while its logits exist):
+    never the logits of all rows at once.
 
     Shapes: x [..., Din]; weight [V, Din]; bias [V] | None; labels [...] int64 (x's leading dims; no shift is
     applied: pair each row with its own target). Returns a float32 scalar (float64 for float64 x): the sum,
     or the mean over labelled rows (NaN when none is labelled, as torch's). chunk_size: rows per chunk
-    (default: as many as keep one chunk's float32 logits in 128 MiB). The logits are x's dtype, upcast to
+    (default: as many as keep one chunk's float32 logits in 256 MiB). The logits are x's dtype, upcast to
     float32 like the plain head's (reference.linear_cross_entropy).
     """
     _validate.check_linear_cross_entropy(x, weight, bias, labels, ignore_index, reduction, chunk_size)

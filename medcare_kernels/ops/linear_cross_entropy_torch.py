@@ -9,8 +9,8 @@ incoming gradient (/ N for the mean) and scatters dx_rows back to their rows.
 
 Why gradients in forward rather than logits recomputed in backward: both keep peak extra memory to one
 chunk's [C, V] in float32 (sized by CHUNK_BYTES), never [T, V]; this way each chunk costs two GEMMs instead of
-three (one fewer [C, Din] x [Din, V] per chunk: measured 0.96x -> see benchmarks/bench_loss_head.py), and
-backward needs neither x nor the weight, so FSDP / ZeRO-3 need not gather the head's weight again for it.
+three (one fewer [C, Din] x [Din, V] per chunk), and backward needs neither x nor the weight, so FSDP / ZeRO-3
+need not gather the head's weight again for it. One exp pass over a chunk serves its loss and its gradient.
 The gradients are computed whenever the inputs require grad; a forward without a backward wastes them.
 
 Saved for backward: dx_rows [N, Din] (x's dtype; the size of the x rows the plain head would save), the row
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..reference import router_dtype
 
-CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk: 220 rows of a 151,936-token vocabulary
+CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk: 441 rows of a 151,936-token vocabulary
 MIN_CHUNK = 16
 
 
@@ -61,11 +61,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for s in range(0, n, chunk):
             xc, tc = x_rows[s:s + chunk], targets[s:s + chunk, None]
             logits = _chunk_logits(xc, weight, bias)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, tc)).sum()
+            picked = logits.gather(1, tc)
+            top = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(top).exp_()  # in place, one exp pass serves the loss and the gradient
+            sums = exps.sum(dim=-1, keepdim=True)
+            total += (top + sums.log() - picked).sum()  # logsumexp - the label's logit
             if need_x or need_w or need_b:
-                probs = logits.sub_(lse).exp_()  # in place: the chunk's logits are not needed again
-                probs.scatter_add_(1, tc, torch.full_like(lse, -1.0))
+                probs = exps.div_(sums)
+                probs.scatter_add_(1, tc, torch.full_like(sums, -1.0))
                 _chunk_grads(probs.to(x.dtype), xc, weight, dx_rows, dw, db, s)
         ctx.save_for_backward(dx_rows, dw, db, rows)
         ctx.shape, ctx.mean, ctx.n, ctx.dtypes = x.shape, mean, n, (weight.dtype, None if bias is None else bias.dtype)

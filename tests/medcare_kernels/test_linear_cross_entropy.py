@@ -152,8 +152,8 @@ def test_never_allocates_logits_of_all_rows():
     assert plain.largest >= rows * vocab  # the check above can fail: the plain head does allocate [T, V]
 
 
-def test_default_chunk_holds_128_mib_of_float32_logits():
-    assert lce.chunk_rows(151_936) == 220 and lce.chunk_rows(49_152) == 682 and lce.chunk_rows(10**9) == 16
+def test_default_chunk_holds_256_mib_of_float32_logits():
+    assert lce.chunk_rows(151_936) == 441 and lce.chunk_rows(49_152) == 1365 and lce.chunk_rows(10**9) == 16
     assert lce.chunk_rows(151_936, 7) == 7
 
 
