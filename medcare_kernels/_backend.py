@@ -40,11 +40,9 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-def register(backend: str, op: str, fn: Callable, devices: tuple[str, ...] | None = None) -> None:
+def register(backend: str, op: str, fn: Callable) -> None:
     """Make `fn` the implementation of `op` in `backend` (called at import by the backend modules)."""
     _registry[backend][op] = fn
-    if devices is not None:
-        _devices[backend] = devices
     _unavailable.pop(backend, None)
 
 

@@ -30,6 +30,8 @@ import torch
 
 from . import _backend
 from .ops import orth_penalty_torch, routing_torch
+from .ops._common import accum_dtype
+from .reference import router_dtype
 
 HAS_EXT = False
 LOAD_ERROR: str | None = None
@@ -51,16 +53,12 @@ if HAS_EXT and not all(hasattr(torch.ops.medcare, op) for op in _OPS):
                   f"{', '.join(_OPS)}; rebuild with `pip install --no-build-isolation -e .`")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register_fakes() -> None:
     """Output shapes and dtypes without running anything (torch.compile, meta and fake tensors)."""
 
     @torch.library.register_fake("medcare::route_topk")
     def _route_topk_fake(logits, top_k):
-        acc, lead = _acc_dtype(logits.dtype), logits.shape[:-1]
+        acc, lead = router_dtype(logits.dtype), logits.shape[:-1]
         return (logits.new_empty(logits.shape, dtype=acc), logits.new_empty((*lead, top_k), dtype=torch.int64),
                 logits.new_empty((*lead, 2), dtype=acc))
 
@@ -70,7 +68,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("medcare::orth_penalty")
     def _orth_penalty_fake(a_base, a_orth):
-        acc = _acc_dtype(a_base[0].dtype)
+        acc = router_dtype(a_base[0].dtype)
         n_signs = sum(a.shape[0] * b.shape[0] for a, b in zip(a_base, a_orth, strict=True))
         return a_base[0].new_empty((), dtype=acc), a_base[0].new_empty((n_signs,), dtype=acc)
 
@@ -201,7 +199,7 @@ def orth_penalty(a_base: list[torch.Tensor], a_orth: list[torch.Tensor]) -> torc
     """The ext backend's orth_penalty: every pair in one op call (one launch each way on CUDA)."""
     first = a_base[0].dtype
     if any(t.dtype != first for t in a_base) or any(t.dtype != first for t in a_orth):
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in (*a_base, *a_orth)) else torch.float32
+        acc = accum_dtype((*a_base, *a_orth))
         a_base, a_orth = [t.to(acc) for t in a_base], [t.to(acc) for t in a_orth]
     if a_base[0].is_cuda:
         rank = max(max(t.shape[0] for t in a_base), max(t.shape[0] for t in a_orth))

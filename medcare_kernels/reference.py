@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["molora_linear", "molora_gate_up", "lora_linear", "route_topk", "orth_penalty", "linear_cross_entropy",
-           "dropout_keep_mask", "router_dtype"]
+           "dropout_keep_mask", "router_dtype", "rng_state", "set_rng_state"]
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -132,18 +132,21 @@ def molora_gate_up(x, gate, up, *, num_experts: int, top_k: int, expert_rank: in
     leaves it. Without dropout this is exactly two molora_linear calls.
     """
     kw = dict(num_experts=num_experts, top_k=top_k, expert_rank=expert_rank, scaling=scaling, dropout=dropout)
-    state = _rng_state(x.device) if dropout > 0.0 else None
+    state = rng_state(x.device) if dropout > 0.0 else None
     y_gate = molora_linear(x, *gate, **kw)
     if state is not None:
-        _set_rng_state(x.device, state)
+        set_rng_state(x.device, state)
     return y_gate, molora_linear(x, *up, **kw)
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The state of `device`'s generator (a few KB on the host): a dropout draw that starts here can be repeated,
+    by every backend (ops/_common.draw_keep) and by molora_gate_up's shared draw above."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    """Rewind `device`'s generator to `state`: the next draw repeats the one that started there."""
     if device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
     else:

@@ -223,8 +223,7 @@ class SupervisedDataset(Dataset):
     """Conversations tokenised once, up front, into flat int32 buffers (python int lists cost ~9x more).
 
     Items are ``{"input_ids": list[int], "labels": list[int]}``. ``lengths`` holds every item's length, so
-    length grouping never re-tokenises: pass it to `length_grouped_sampler`, or let the HF Trainer's
-    ``train_sampling_strategy="group_by_length"`` read ``len(item["input_ids"])``, which is a buffer slice.
+    length grouping never re-tokenises: `EpochSampler` (medcare.data.batching, what MedCareTrainer uses) reads it.
 
     Args:
         records: Normalised conversations (``LoadResult.records``, or the `LoadResult` itself).

@@ -1,25 +1,19 @@
-"""Small helpers shared by the torch-backend ops: dropout draws that backward can redraw, gate expansion."""
+"""The helpers the ops share, importable without Triton: dropout draws that backward can redraw (over
+reference.rng_state / set_rng_state), gate expansion, dtype rules and casts, the base GEMM. The Triton ops'
+shared Triton helpers (tile padding, accumulation type, dot flags, token splits) are in _triton_gemm.py, the
+module of their shared GEMMs."""
 
 from __future__ import annotations
 
 import torch
 
-from ..reference import dropout_keep_mask
+from ..reference import dropout_keep_mask, rng_state, router_dtype, set_rng_state
 
 
-def rng_state(device: torch.device) -> torch.Tensor:
-    """The generator state a dropout draw on `device` starts from (a few KB on the host)."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
-
-
-def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    """Rewind the generator of `device` to `state` (a later draw repeats the one that started there)."""
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
+def accum_dtype(tensors) -> torch.dtype:
+    """One accumulation dtype for tensors that may differ in dtype: float64 if any is, else float32
+    (reference.router_dtype's rule over several tensors)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else router_dtype(tensors[0].dtype)
 
 
 def draw_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -35,18 +29,24 @@ def redraw_keep(x: torch.Tensor, p: float, state: torch.Tensor | None) -> torch.
     """The mask draw_keep returned, regenerated from its saved state without touching the global RNG."""
     if state is None:
         return None
-    cuda = x.device.type == "cuda"
-    with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
-        if cuda:
-            torch.cuda.set_rng_state(state, x.device)
-        else:
-            torch.set_rng_state(state)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [], device_type="cuda"):
+        set_rng_state(x.device, state)
         return dropout_keep_mask(x, p)
 
 
 def apply_keep(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     """Inverted dropout with a given mask: t * keep / (1 - p)."""
     return t if keep is None else t * keep.reshape(t.shape).to(t.dtype) / (1.0 - p)
+
+
+def adapter_input_grad(dy2: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a: torch.Tensor,
+                       keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """dX = dY W + drop'(dS A) [T, Din]: the base part, and the adapters' part through the dropout mask (whose
+    inverted scaling drop' applies to the gradient as to the input)."""
+    dx = dy2 @ weight
+    if keep is None:
+        return dx.addmm_(ds, lora_a)
+    return dx.add_(apply_keep(ds @ lora_a, keep, p))
 
 
 def expand_gates(gates: torch.Tensor, expert_rank: int, shared_rank: int, scaling: float) -> torch.Tensor:

@@ -9,8 +9,8 @@ x), and the 64-bit counter is split into two 32-bit words by hand, so every Trit
     wgrad(dS, x)        dA = dS^T drop(x)              [R, Din]  one pass over x; fp32 partials per token split,
                                                                  summed afterwards (deterministic, no atomics)
     lowrank_dx(dS, A)   drop'(dS A) (+ dl Wr)          [T, Din]  one write of dX (the `epilogue` GEMM path: the
-                                                                 base input gradient is added by cuBLAS after)
-    dx_add_(dX, dS, A)  dX += drop'(dS A)              [T, Din]  in place: one read and one write of dX
+                                                                 base input gradient is added by cuBLAS after),
+                                                                 or added in place into a given dX (other paths)
 
 Why: the torch-RNG draw (reference.dropout_keep_mask) writes and reads a [T, Din] fp32 uniform tensor, a bool
 mask and a dropped copy of x, in the forward and again in the backward, and the masked input gradient costs
@@ -36,16 +36,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_gemm import INTERPRET, add_bases_, dot_flags, gemm_path, gemm_sum, mma, token_splits
+from ..reference import router_dtype
+from ._triton_gemm import (
+    INTERPRET,
+    WGRAD_BLOCK_T,
+    add_bases_,
+    dot_flags,
+    gemm_path,
+    gemm_sum,
+    load_rows,
+    mma,
+    pad,
+    split_range,
+    token_splits,
+)
 
-# Token rows and Din columns per program: small under the interpreter (it runs every program in Python).
+# Token rows per program of shrink and the dX kernel (their [tokens, R_PAD] / [tokens, BLOCK_D] fp32 accumulators
+# sit beside the Philox state in registers; test_triton_sm90.py checks these launch shapes build without spills),
+# and Din columns per program of the dX kernel. Small under the interpreter (it runs every program in Python).
 BLOCK_T = 16 if INTERPRET else 32
-WGRAD_BLOCK_T = 16 if INTERPRET else 64
 DX_BLOCK_D = 32 if INTERPRET else 128
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 # Adapter rows per shrink/wgrad launch: their [tokens, R] / [R, Din] accumulators spill registers on sm_90 when
@@ -87,7 +97,7 @@ def _keep(seed, rows, d0, DIN, p, BLOCK_D: tl.constexpr):
 # ---------------------------------------------------------------------------------------------- kernels
 # Row offsets into x / dX are 64-bit: T * Din passes 2^31 at e.g. 196k tokens of an 11008-wide input.
 @triton.jit
-def _mask_kernel(out_ptr, seed_ptr, T, DIN, p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _keep_mask_kernel(out_ptr, seed_ptr, T, DIN, p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d0 = tl.program_id(1) * BLOCK_D
     cols = d0 + tl.arange(0, BLOCK_D)
@@ -108,8 +118,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, T, DIN, R, s_xt, s_ht, p, scal
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        x = load_rows(x_ptr, rows, d, s_xt, t_ok, d_ok)
         x = tl.where(_keep(seed, rows, d0, DIN, p, BLOCK_D), x, tl.zeros_like(x))
         a = tl.load(a_ptr + r[:, None] * DIN + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc = mma(x, tl.trans(a), acc, IEEE, UPCAST)
@@ -129,12 +138,11 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, s_dst, s_sp
     d_ok, r_ok = d < DIN, r < R
     seed = tl.load(seed_ptr)
     acc = tl.zeros((R_PAD, BLOCK_D), dtype=ACC)
-    t_start = split * T_PER_SPLIT
-    t_end = tl.minimum(t_start + T_PER_SPLIT, T)
+    t_start, t_end = split_range(split, T_PER_SPLIT, T)
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
-        x = tl.load(x_ptr + t[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = load_rows(x_ptr, t, d, s_xt, t_ok, d_ok)
         x = tl.where(_keep(seed, t, pid_d * BLOCK_D, DIN, p, BLOCK_D), x, tl.zeros_like(x))
         ds_t = tl.load(ds_ptr + t[None, :] * s_dst + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         acc = mma(ds_t, x, acc, IEEE, UPCAST)
@@ -143,7 +151,7 @@ def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, s_dst, s_sp
 
 
 @triton.jit
-def _dx_kernel(dx_ptr, ds_ptr, a_ptr, dl_ptr, wr_ptr, seed_ptr, T, DIN, R, E, s_dxt, s_dst, s_dlt, p, scale,
+def _lowrank_dx_kernel(dx_ptr, ds_ptr, a_ptr, dl_ptr, wr_ptr, seed_ptr, T, DIN, R, E, s_dxt, s_dst, s_dlt, p, scale,
                IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, ACC_C: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     # dX (+)= drop'(dS A) + dl Wr for one [BLOCK_T, BLOCK_D] tile: the rank is a K loop (any R, one pass over
@@ -178,7 +186,7 @@ def keep_mask(seed: torch.Tensor | int, t: int, din: int, p: float, device: torc
     seed = torch.tensor([seed], dtype=torch.int64) if isinstance(seed, int) else seed.reshape(1)
     out = torch.empty(t, din, dtype=torch.int8, device=device)
     if out.numel():
-        _mask_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
+        _keep_mask_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
             out, seed.to(device=device, dtype=torch.int64), t, din, p, BLOCK_T=BLOCK_T, BLOCK_D=DX_BLOCK_D)
     return out.bool()
 
@@ -204,7 +212,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None, p: float
     for c0, c1 in _chunks(r):
         _shrink_kernel[(triton.cdiv(t, BLOCK_T),)](x, a[c0:c1], h[:, c0:], seed, t, din, c1 - c0, x.stride(0),
                                                    h.stride(0), p, 1.0 / (1.0 - p), **dot_flags(x.dtype),
-                                                   BLOCK_T=BLOCK_T, BLOCK_D=_block_d(x.dtype), R_PAD=_pad(c1 - c0),
+                                                   BLOCK_T=BLOCK_T, BLOCK_D=_block_d(x.dtype), R_PAD=pad(c1 - c0),
                                                    num_warps=8)
     return h
 
@@ -222,12 +230,11 @@ def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | None, p: float
     block_t = WGRAD_BLOCK_T if INTERPRET or x.dtype not in (torch.float32, torch.float64) else 32
     n_d = triton.cdiv(din, block_d)
     n_split, per = token_splits(t, n_d, block_t, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    part = torch.empty(n_split, r, din, dtype=acc, device=x.device)
+    part = torch.empty(n_split, r, din, dtype=router_dtype(x.dtype), device=x.device)
     for c0, c1 in _chunks(r):
         _wgrad_kernel[(n_d, n_split)](ds[:, c0:], x, part[:, c0:], seed, t, din, c1 - c0, x.stride(0),
                                       ds.stride(0), part.stride(0), per, p, 1.0 / (1.0 - p), **dot_flags(x.dtype),
-                                      BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=_pad(c1 - c0), num_warps=8)
+                                      BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=pad(c1 - c0), num_warps=8)
     return part.sum(0).to(x.dtype)
 
 
@@ -246,21 +253,12 @@ def lowrank_dx(ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, 
     e = 0 if dl is None else dl.shape[1]
     if dl is None:
         dl, wr = ds, a
-    r_block = 16 if INTERPRET else min(64, _pad(ds.shape[1]))
-    _dx_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
+    r_block = 16 if INTERPRET else min(64, pad(ds.shape[1]))
+    _lowrank_dx_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(din, DX_BLOCK_D))](
         out, ds, a, dl, wr, seed, t, din, ds.shape[1], e, out.stride(0), ds.stride(0), dl.stride(0), p,
         1.0 / (1.0 - p), **dot_flags(out.dtype), ACC_C=acc_c, BLOCK_T=BLOCK_T, BLOCK_D=DX_BLOCK_D,
-        R_BLOCK=r_block, E_PAD=_pad(e))
+        R_BLOCK=r_block, E_PAD=pad(e))
     return out
-
-
-def dx_add_(dx: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, seed: torch.Tensor | None, p: float
-            ) -> torch.Tensor:
-    """dx [T, Din] (unit stride along Din) += drop'(ds a), in place (a plain addmm_ without dropout); ds [T, R]
-    (unit stride along R), a [R, Din] contiguous."""
-    if seed is None:
-        return dx.addmm_(ds, a)
-    return lowrank_dx(ds, a, seed, p, out=dx)
 
 
 def input_grad(bases: list[tuple[torch.Tensor, torch.Tensor]], ds: torch.Tensor, a: torch.Tensor,

@@ -20,11 +20,10 @@ write happen: in `cublas` / `add` in a pass of their own, bound by memory after 
 `epilogue` inside the compute-bound base GEMM, where the memory system has room to spare, so the read can
 hide under its main loop. The separate pass of `epilogue` only writes C (K = Rt is one or a few tiles).
 
-Why these: on an H100 at the Qwen1.5-7B MLP shapes (bf16, T=8192; benchmarks/bench_triton_gemm.py) cuBLAS
-runs the base GEMM at 788 TFLOP/s where gemm2 reached 679, so `fused` lost; and cuBLAS's in-place K=160
-addmm on the [8192, 11008] output cost 0.29 ms, 2.6x what its 360 MB of traffic take at 3.35 TB/s: that
-addmm (forward at gate/up, input gradient at down) was most of the MoLoRA projection's excess over its base.
-`add` swaps cuBLAS's skinny kernel for gemm2; `epilogue` also moves the read of C into the base GEMM.
+Why not `fused` by default: the base GEMM is the bulk of the work and cuBLAS runs it faster than gemm2; why not
+`cublas`: its skinny in-place addmm runs well below the bandwidth its traffic needs. `add` swaps that kernel
+for gemm2; `epilogue` also moves the read of C into the base GEMM. The measurements behind both statements, and
+what is still to be timed, are in benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md ("Kernel design numbers").
 """
 
 from __future__ import annotations
@@ -35,14 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import router_dtype
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 GEMM_PATHS = ("cublas", "add", "epilogue", "fused")
-# The path `auto` takes on a GPU. "epilogue", NOT YET MEASURED, by the argument of the module doc: the same
-# bytes as "cublas" / "add", with the read of C moved into the compute-bound base GEMM, and none of "cublas"'s
-# skinny addmm (measured at 2.6x its traffic). If cuBLAS's beta = 1 kernels turn out slower than its beta = 0
-# ones by more than the separate pass costs, "add" wins: bench_triton_gemm.py times all four at the exact
-# shapes (fwd_*_ms, dx_*_ms, and mm_beta1_ms against mm_ms); set this from its table.
+# The path `auto` takes on a GPU, by the argument of the module doc: the same bytes as "cublas" / "add", with the
+# read of C moved into the compute-bound base GEMM, and none of "cublas"'s skinny addmm. bench_triton_gemm.py
+# times all four paths at the exact shapes; this follows its table (benchmarks/results/<device>/NOTES.md).
 DEFAULT_GEMM = "epilogue"
 
 
@@ -50,7 +49,7 @@ def _configs():
     if INTERPRET:  # the interpreter cannot autotune over several configs; small tiles keep it quick
         return [triton.Config({"BM": 32, "BN": 32, "BK": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfgs = []
-    # The fastest three at the Qwen1.5-7B MLP shapes on an H100 (bench_triton_gemm.py), plus a small-M one.
+    # The fastest three at the Qwen1.5-7B MLP shapes by bench_triton_gemm.py, plus a small-M one.
     for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]:
         cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
     return cfgs
@@ -63,8 +62,8 @@ SKINNY_K = 512
 
 def _skinny_configs():
     """Configs for K <= SKINNY_K, where the time is writing (and, accumulating, reading) C: a K loop of one to
-    four steps, so tiles with little shared memory, several CTAs per SM, one's stores under another's loads.
-    Not yet timed on a GPU (bench_triton_gemm.py's expand_gemm2_ms); the big-GEMM configs are among them."""
+    four steps, so tiles with little shared memory, several CTAs per SM, one's stores under another's loads;
+    the big-GEMM configs are among them, so autotuning never picks worse than before."""
     if INTERPRET:
         return _configs()
     cfgs = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -88,11 +87,34 @@ def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return acc
 
 
+@triton.jit
+def split_range(split, T_PER_SPLIT, T):
+    """The token range [start, end) of weight-gradient program `split` (token_splits' layout)."""
+    start = split * T_PER_SPLIT
+    return start, tl.minimum(start + T_PER_SPLIT, T)
+
+
+@triton.jit
+def load_rows(ptr, t, d, s_t, t_ok, d_ok):
+    """The [len(t), len(d)] tile of a [T, D] tensor with row stride s_t (int64 row offsets), 0 outside."""
+    return tl.load(ptr + t[:, None].to(tl.int64) * s_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+def pad(n: int) -> int:
+    """A tile width for n columns (experts, ranks): the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def tl_acc(dtype: torch.dtype):
+    """The accumulation type of operands of `dtype` as a Triton type: reference.router_dtype's rule (fp32; fp64
+    for fp64 operands, which only gradchecks use)."""
+    return tl.float64 if router_dtype(dtype) == torch.float64 else tl.float32
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
-    """The IEEE/UPCAST constexprs of `mma` for operands of `dtype`, and ACC, the accumulation type (fp32;
-    fp64 for fp64 operands, which only gradchecks use)."""
+    """The IEEE/UPCAST constexprs of `mma` for operands of `dtype`, and ACC, the accumulation type (tl_acc)."""
     return {"IEEE": dtype in (torch.float32, torch.float64), "UPCAST": INTERPRET and dtype == torch.bfloat16,
-            "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+            "ACC": tl_acc(dtype)}
 
 
 @triton.jit
@@ -161,6 +183,11 @@ _skinny_kernel = triton.autotune(configs=_skinny_configs(), key=_KEY)(_gemm2_bod
 _gemm2_acc_kernel = triton.autotune(configs=_acc_configs(_configs()), key=_KEY, restore_value=["c_ptr"])(_gemm2_body)
 _skinny_acc_kernel = triton.autotune(configs=_acc_configs(_skinny_configs()), key=_KEY,
                                      restore_value=["c_ptr"])(_gemm2_body)
+
+
+# Token rows per program of the weight-gradient kernels (router wgrad, the dropout dA): each program loops over
+# its token split in tiles of this many rows (small under the interpreter, which runs every program in Python).
+WGRAD_BLOCK_T = 16 if INTERPRET else 64
 
 
 def token_splits(t: int, n_blocks: int, block_t: int, device: torch.device) -> tuple[int, int]:

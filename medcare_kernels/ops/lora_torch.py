@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import apply_keep, base_linear, cast, draw_keep, grad_like, redraw_keep
+from ._common import adapter_input_grad, apply_keep, base_linear, cast, draw_keep, grad_like, redraw_keep
 
 
 def lora_linear_fwd(x, weight, bias, lora_a, lora_b, keep, *, scaling, dropout):
@@ -32,13 +32,7 @@ def lora_linear_bwd(dy2, x2, h, weight, lora_a, lora_b, keep, needs, *, scaling,
     d_a = ds.t() @ apply_keep(x2, keep, dropout) if need_a else None   # [R, Din]
     d_w = dy2.t() @ x2 if need_w else None
     d_b = dy2.sum(0) if need_b else None
-    dx = None
-    if need_x:
-        dx = dy2 @ weight
-        if keep is None:
-            dx.addmm_(ds, lora_a)
-        else:
-            dx += apply_keep(ds @ lora_a, keep, dropout)
+    dx = adapter_input_grad(dy2, weight, ds, lora_a, keep, dropout) if need_x else None
     return dx, d_w, d_b, d_a, d_lb
 
 

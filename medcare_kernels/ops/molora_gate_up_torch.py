@@ -10,7 +10,7 @@ Reference: medcare_kernels.reference.molora_gate_up.
 
 from __future__ import annotations
 
-from ._common import rng_state, set_rng_state
+from ..reference import rng_state, set_rng_state
 from .molora_torch import molora_linear
 
 

@@ -7,15 +7,15 @@ strides, so they run on column slices of shared buffers):
 
 Forward (Rt_g, Rt_u = E*R + Rs of each projection):
     h = drop(x) [A_g; A_u]^T             ONE cuBLAS shrink [T, Rt_g + Rt_u]: one read of x instead of two
-    route_expand per projection          _router_fwd on x with that projection's router and h's column slice,
+    route_expand per projection          _route_expand_kernel on x with that projection's router and h's column slice,
                                          then y = x W^T + b + S B^T (the base GEMMs have different W: two;
                                          _triton_gemm.gemm_sum)
 Backward:
-    route_bwd per projection             dS = dY B (cuBLAS), _gate_route_bwd writes into one buffer
+    route_bwd per projection             dS = dY B (cuBLAS), _route_bwd_kernel writes into one buffer
                                          dhl = [dh_g | dh_u | dl_g | dl_u] (compute dtype) and dl = [dl_g | dl_u]
                                          [T, 2E] in fp32; dB = dY^T S
     dA = [dh_g | dh_u]^T drop(x)         ONE GEMM for both lora_a: one read of x instead of two
-    _router_wgrad on [dl_g | dl_u]       ONE fp32 pass over x for both routers (2E rows)
+    router_wgrad on [dl_g | dl_u]        ONE fp32 pass over x for both routers (2E rows)
     dX = dY_g W_g + dY_u W_u + dhl [A_g; A_u; Wr_g; Wr_u]     ONE dX by gemm_sum: the low-rank term once for
                                          all adapters and routers of both projections (default `epilogue`:
                                          written first, then both base GEMMs add into it by cuBLAS, beta = 1;
@@ -25,17 +25,16 @@ projection: the same O(T*(E*R+Rs)) as two molora_linear calls, x once. Dropout (
 draw of the adapters' input mask, shared by both projections, regenerated from the call's seed by the kernels
 that read drop(x) (_triton_dropout; no [T, Din] mask is ever written).
 
-Speed: unmeasured on a GPU; estimated from bytes at T=8192 and Qwen1.5-7B shapes in bf16, where x and dX are
-64 MiB each: three reads of x fewer (shrink, dA, router wgrad), and dX written once and updated twice in place
-instead of two dX's (each written, then read and written by its low-rank addmm) summed by autograd: 3 + 4 passes
-of 64 MiB, ~0.45 GB, ~130 us at an H100's ~3.35 TB/s, against the 9.4 ms forward + backward of medcare-triton's
-MLP block (6.6 ms frozen) in the committed H100 results: ~1.5%. bench_molora's mlp-block provider
-medcare-triton-gateup measures it where a GPU is available. Still two router passes over x: the router kernel's
-softmax/top-K epilogue works on one router's E columns.
+What it saves: three reads of x (shrink, dA, router wgrad), and dX written once and updated in place instead
+of two dX's (each written, then read and written by its low-rank addmm) summed by autograd; bench_molora's
+mlp-block provider medcare-triton-gateup times it (the estimate from bytes: NOTES.md of the H100 results).
+Still two router passes over x: the router kernel's softmax/top-K epilogue works on one router's E columns.
 Reference: medcare_kernels.reference.molora_gate_up.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -47,38 +46,60 @@ from .molora_triton import route_bwd, route_expand, router_wgrad
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def gate_up_fwd(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k, expert_rank, scaling,
-                seed, dropout):
-    """x [T, Din]; per projection (_g gate, _u up): w [Dout, Din]; b [Dout] | None; rw [E, Din]; rb [E] | None;
-    a [Rt, Din]; lb [Dout, Rt] (all but the routers in x's dtype); seed: the dropout seed (int64 [1]) | None
-    -> (y_g [T, Dout_g], y_u [T, Dout_u], h [T, Rt_g + Rt_u], probs_g, probs_u [T, E] fp32, idx_g, idx_u [T, K])."""
-    rt_g = a_g.shape[0]
-    h = _triton_dropout.shrink(x, torch.cat([a_g, a_u]), seed, dropout)  # [T, Rt_g + Rt_u]: one read, one draw
-    y_g, probs_g, idx_g = route_expand(x, h[:, :rt_g], w_g, b_g, rw_g, rb_g, lb_g, top_k, expert_rank, scaling)
-    y_u, probs_u, idx_u = route_expand(x, h[:, rt_g:], w_u, b_u, rw_u, rb_u, lb_u, top_k, expert_rank, scaling)
+class Projection(NamedTuple):
+    """One projection's operands as the launchers take them (all but the router in x's dtype)."""
+
+    weight: torch.Tensor               # [Dout, Din]
+    bias: torch.Tensor | None          # [Dout]
+    router_weight: torch.Tensor        # [E, Din]
+    router_bias: torch.Tensor | None   # [E]
+    lora_a: torch.Tensor               # [Rt, Din]
+    lora_b: torch.Tensor               # [Dout, Rt]
+
+
+class Routed(NamedTuple):
+    """One projection's tensors for backward: its routing (from the forward) and its operands."""
+
+    probs: torch.Tensor                # [T, E] fp32
+    indices: torch.Tensor              # [T, K] int64
+    weight: torch.Tensor               # [Dout, Din]
+    router_weight: torch.Tensor        # [E, Din]
+    lora_a: torch.Tensor               # [Rt, Din]
+    lora_b: torch.Tensor               # [Dout, Rt]
+
+
+def gate_up_fwd(x, gate: Projection, up: Projection, *, top_k, expert_rank, scaling, seed, dropout):
+    """x [T, Din]; seed: the dropout seed (int64 [1]) | None -> (y_g [T, Dout_g], y_u [T, Dout_u],
+    h [T, Rt_g + Rt_u], probs_g, probs_u [T, E] fp32, idx_g, idx_u [T, K])."""
+    rt_g = gate.lora_a.shape[0]
+    h = _triton_dropout.shrink(x, torch.cat([gate.lora_a, up.lora_a]), seed, dropout)  # one read of x, one draw
+    y_g, probs_g, idx_g = route_expand(x, h[:, :rt_g], gate.weight, gate.bias, gate.router_weight, gate.router_bias,
+                                       gate.lora_b, top_k, expert_rank, scaling)
+    y_u, probs_u, idx_u = route_expand(x, h[:, rt_g:], up.weight, up.bias, up.router_weight, up.router_bias,
+                                       up.lora_b, top_k, expert_rank, scaling)
     return y_g, y_u, h, probs_g, probs_u, idx_g, idx_u
 
 
-def gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_g, a_u, lb_g, lb_u,
-                expert_rank, scaling, seed, dropout):
-    """dy_g [T, Dout_g], dy_u [T, Dout_u] and the saved tensors -> (dx [T, Din], d_router_weight [2E, Din] and
-    d_router_bias [2E] fp32 (gate's rows first), d_lora_a [Rt_g + Rt_u, Din] (gate's rows first), d_lb_g
-    [Dout_g, Rt_g], d_lb_u [Dout_u, Rt_u]); the adapters' gradients in the compute dtype."""
+def gate_up_bwd(dy_g, dy_u, x, h, gate: Routed, up: Routed, *, expert_rank, scaling, seed, dropout):
+    """dy_g [T, Dout_g], dy_u [T, Dout_u], x, h and each projection's Routed -> (dx [T, Din], d_router_weight
+    [2E, Din] and d_router_bias [2E] fp32 (gate's rows first), d_lora_a [Rt_g + Rt_u, Din] (gate's rows first),
+    d_lb_g [Dout_g, Rt_g], d_lb_u [Dout_u, Rt_u]); the adapters' gradients in the compute dtype."""
     t = x.shape[0]
-    e, rt_g, rt_u = rw_g.shape[0], a_g.shape[0], a_u.shape[0]
+    e, rt_g, rt_u = gate.router_weight.shape[0], gate.lora_a.shape[0], up.lora_a.shape[0]
     rt = rt_g + rt_u
     dev, dt = x.device, x.dtype
     # [dh_g | dh_u | dl_g | dl_u]: dh of both is one slice for the dA GEMM, and the whole buffer one K slab for dX.
     dhl = torch.empty(t, rt + 2 * e, dtype=dt, device=dev)
     dl = torch.empty(t, 2 * e, dtype=router_dtype(dt), device=dev)    # [dl_g | dl_u]: one router-wgrad pass
-    d_lb_g = route_bwd(dy_g, h[:, :rt_g], probs_g, idx_g, lb_g, dhl, rt, dl[:, :e], expert_rank, scaling)
-    d_lb_u = route_bwd(dy_u, h[:, rt_g:], probs_u, idx_u, lb_u, dhl[:, rt_g:], rt_u + e, dl[:, e:], expert_rank,
+    d_lb_g = route_bwd(dy_g, h[:, :rt_g], gate.probs, gate.indices, gate.lora_b, dhl, rt, dl[:, :e], expert_rank,
                        scaling)
+    d_lb_u = route_bwd(dy_u, h[:, rt_g:], up.probs, up.indices, up.lora_b, dhl[:, rt_g:], rt_u + e, dl[:, e:],
+                       expert_rank, scaling)
     dh = dhl[:, :rt]
     d_a = _triton_dropout.wgrad(dh, x, seed, dropout)                    # [Rt_g + Rt_u, Din]
     d_rw = router_wgrad(dl, x)                                           # [2E, Din]
-    a_ext = torch.cat([a_g, a_u, rw_g.to(dt), rw_u.to(dt)])              # [Rt + 2E, Din], small
-    bases = [(dy_g, w_g.t()), (dy_u, w_u.t())]
+    a_ext = torch.cat([gate.lora_a, up.lora_a, gate.router_weight.to(dt), up.router_weight.to(dt)])  # [Rt + 2E, Din]
+    bases = [(dy_g, gate.weight.t()), (dy_u, up.weight.t())]
     if seed is None:
         dx = gemm_sum(bases, dhl, a_ext.t())
     else:  # dropout: the adapters' part of the input gradient goes through the mask, the routers' part does not
@@ -94,8 +115,8 @@ def _fwd_op(x: torch.Tensor, w_g: torch.Tensor, b_g: torch.Tensor | None, rw_g: 
             scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
-    return gate_up_fwd(x, w_g, b_g, rw_g, rb_g, a_g, lb_g, w_u, b_u, rw_u, rb_u, a_u, lb_u, top_k, expert_rank,
-                       scaling, seed, dropout)
+    return gate_up_fwd(x, Projection(w_g, b_g, rw_g, rb_g, a_g, lb_g), Projection(w_u, b_u, rw_u, rb_u, a_u, lb_u),
+                       top_k=top_k, expert_rank=expert_rank, scaling=scaling, seed=seed, dropout=dropout)
 
 
 @_fwd_op.register_fake
@@ -113,8 +134,9 @@ def _bwd_op(dy_g: torch.Tensor, dy_u: torch.Tensor, x: torch.Tensor, h: torch.Te
             rw_g: torch.Tensor, rw_u: torch.Tensor, a_g: torch.Tensor, a_u: torch.Tensor, lb_g: torch.Tensor,
             lb_u: torch.Tensor, expert_rank: int, scaling: float, seed: torch.Tensor | None, dropout: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gate_up_bwd(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_g, a_u, lb_g, lb_u,
-                       expert_rank, scaling, seed, dropout)
+    return gate_up_bwd(dy_g, dy_u, x, h, Routed(probs_g, idx_g, w_g, rw_g, a_g, lb_g),
+                       Routed(probs_u, idx_u, w_u, rw_u, a_u, lb_u), expert_rank=expert_rank, scaling=scaling,
+                       seed=seed, dropout=dropout)
 
 
 @_bwd_op.register_fake
@@ -125,9 +147,15 @@ def _(dy_g, dy_u, x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_
             x.new_empty(a_g.shape[0] + a_u.shape[0], x.shape[1]), torch.empty_like(lb_g), torch.empty_like(lb_u))
 
 
+# _fwd_op's flat arguments (a custom op's schema takes no tuples): x, the gate's six, the up's six, then the scalars.
+_GATE, _UP, _SCALARS = slice(1, 7), slice(7, 13), slice(13, None)
+
+
 def _setup_context(ctx, inputs, output):
-    x, (w_g, b_g, rw_g, rb_g, a_g, lb_g), (w_u, b_u, rw_u, rb_u, a_u, lb_u) = inputs[0], inputs[1:7], inputs[7:13]
-    expert_rank, scaling, state, dropout = inputs[14:]
+    x, gate, up = inputs[0], Projection(*inputs[_GATE]), Projection(*inputs[_UP])
+    _top_k, expert_rank, scaling, state, dropout = inputs[_SCALARS]
+    w_g, b_g, rw_g, rb_g, a_g, lb_g = gate
+    w_u, b_u, rw_u, rb_u, a_u, lb_u = up
     _, _, h, probs_g, probs_u, idx_g, idx_u = output
     ctx.save_for_backward(x, h, probs_g, probs_u, idx_g, idx_u, w_g, w_u, rw_g, rw_u, a_g, a_u, lb_g, lb_u, state)
     ctx.expert_rank, ctx.scaling, ctx.dropout = expert_rank, scaling, dropout

@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import router_dtype
-from ._common import apply_keep, base_linear, cast, draw_keep, expand_gates, grad_like, redraw_keep
+from ._common import (
+    adapter_input_grad,
+    apply_keep,
+    base_linear,
+    cast,
+    draw_keep,
+    expand_gates,
+    grad_like,
+    redraw_keep,
+)
 from .routing_torch import gates_from, route_topk_bwd, route_topk_fwd
 
 
@@ -68,11 +77,7 @@ def molora_linear_bwd(dy2, x2, h, probs, indices, weight, router_weight, lora_a,
     d_b = dy2.sum(0) if need_b else None
     dx = None
     if need_x:
-        dx = dy2 @ weight
-        if keep is None:
-            dx.addmm_(dh, lora_a)
-        else:
-            dx += apply_keep(dh @ lora_a, keep, dropout)
+        dx = adapter_input_grad(dy2, weight, dh, lora_a, keep, dropout)
         dx += (d_logits @ router_weight.to(rdt)).to(dx.dtype)
     return dx, d_w, d_b, d_rw, d_rb, d_a, d_lb
 

@@ -1,18 +1,17 @@
 """molora_linear, Triton backend: routed LoRA experts + shared LoRA around the frozen cuBLAS base GEMM.
 
-What is fused, and why (measured on an H100, bf16, T=8192, Qwen1.5-7B MLP shapes; benchmarks/bench_triton_gemm.py
-and profile_molora.py): the big GEMMs go to cuBLAS, which runs the base GEMM at ~790 TFLOP/s where a Triton GEMM
-reached ~680 (so the "expand as an extra K slab" GEMM lost to cuBLAS, see _triton_gemm); the skinny expand
-rides on the base GEMM's output through _triton_gemm.gemm_sum (default `epilogue`: the Triton gemm2 writes
-S lora_b^T, then cuBLAS adds x W^T into it with beta = 1, reading it in its epilogue; cuBLAS's own in-place
-K=160 addmm ran at 2.6x its traffic; not yet timed on a GPU). A first version that did the shrink GEMM and the
-router in one Triton kernel with FMA-based fp32 dots ran 5-30x slower than its cuBLAS parts. Triton does what
-cuBLAS cannot: the fp32 router on the exact (upcast) bf16 activations with the softmax -> top-K -> renormalise
-epilogue and the gating, in one pass over x, and the routing backward, element-wise over [T, E*R+Rs].
+What is fused, and why: the big GEMMs go to cuBLAS, which runs the base GEMM faster than a Triton GEMM does
+(so the "expand as an extra K slab" GEMM is not the default, see _triton_gemm); the skinny expand rides on the
+base GEMM's output through _triton_gemm.gemm_sum (default `epilogue`: the Triton gemm2 writes S lora_b^T, then
+cuBLAS adds x W^T into it with beta = 1, reading it in its epilogue). The shrink GEMM is cuBLAS's too: Triton's
+FMA-based fp32 dots lose to it. Triton does what cuBLAS cannot: the fp32 router on the exact (upcast) bf16
+activations with the softmax -> top-K -> renormalise epilogue and the gating, in one pass over x, and the
+routing backward, element-wise over [T, E*R+Rs]. (The H100 numbers behind these choices:
+benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md.)
 
 Forward (T tokens, Rt = E*R + Rs):
     h = drop(x) lora_a^T                 cuBLAS [T, Rt] (with dropout: _triton_dropout.shrink, mask in-kernel)
-    _router_fwd                          one pass over x: logits = x Wr^T + br in fp32 (3xTF32 tensor-core dots
+    _route_expand_kernel                          one pass over x: logits = x Wr^T + br in fp32 (3xTF32 tensor-core dots
                                          on the exactly-upcast bf16/fp16 x, IEEE fp32 for fp32 x), softmax, top-K
                                          (ties to the lower index), renormalise; and S = h * g with
                                          g = s * [gates repeated R | 1 for the shared block]   [T, Rt]
@@ -22,18 +21,18 @@ the op is a torch.library custom op with a fake implementation and a registered 
 
 Saved for backward: x (the caller's tensor), h [T, Rt], probs [T, E] fp32, indices [T, K]: O(T*(E*R+Rs))
 beyond x, as the torch backend. With dropout > 0 the adapters' mask is regenerated from a per-call seed by the
-kernels that read drop(x) (_triton_dropout: shrink, wgrad, dx_add_), so no [T, Din] mask is ever written.
+kernels that read drop(x) (_triton_dropout: shrink, wgrad, lowrank_dx), so no [T, Din] mask is ever written.
 
 Backward:
     dS = dY lora_b                       cuBLAS [T, Rt]
-    _gate_route_bwd                      element-wise per token block: dh = dS * g; d gate_e = s <dS_e, h_e>
+    _route_bwd_kernel                      element-wise per token block: dh = dS * g; d gate_e = s <dS_e, h_e>
                                          (R-length dots, no cached expert outputs); softmax-top-K backward ->
                                          d_logits (fp32); S = h * g again for dB
     dB = dY^T S;  dA = dh^T drop(x)      cuBLAS (with dropout, dA: _triton_dropout.wgrad)
     dX = dY W + [dh | dl] [lora_a; Wr]   gemm_sum, as the forward (K = Rt + E); with dropout the dh part goes
                                          through the mask: _triton_dropout.input_grad (one Triton pass writes
                                          drop'(dh A) + dl Wr, then cuBLAS adds dY W)
-    _router_wgrad                        d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
+    _router_wgrad_kernel                        d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
                                          partials summed afterwards (deterministic, no atomics)
 Reference: medcare_kernels.reference.molora_linear.
 """
@@ -47,23 +46,20 @@ import triton.language as tl
 from ..reference import router_dtype
 from . import _triton_dropout
 from ._common import grad_like
-from ._triton_gemm import INTERPRET, gemm_sum, token_splits
+from ._triton_gemm import INTERPRET, WGRAD_BLOCK_T, gemm_sum, load_rows, pad, split_range, tl_acc, token_splits
 
 # ---------------------------------------------------------------------------------------------- tile configs
-BLOCK_T = 16 if INTERPRET else 64       # tokens per program of the routing kernels
-BLOCK_D = 32 if INTERPRET else 128      # Din per step of the router's pass over x
-WGRAD_BLOCK_D = 32 if INTERPRET else 128
-WGRAD_BLOCK_T = 16 if INTERPRET else 64
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+# Tokens per program of the routing kernels: their tiles are [tokens, E_PAD] and [tokens, E, R], small enough
+# for 64 rows (fewer for large E*R: _block_t); the router's pass over x takes BLOCK_D columns a step.
+BLOCK_T = 16 if INTERPRET else 64
+BLOCK_D = 32 if INTERPRET else 128
+WGRAD_BLOCK_D = 32 if INTERPRET else 128  # Din per router-wgrad program (fewer for many experts: _wgrad_block_d)
 
 
 def _block_t(num_experts: int, expert_rank: int) -> int:
     """Tokens per routing program: BLOCK_T, fewer when the [tokens, E, R] expert tile would not fit in
     registers (E=8, R=16 keeps 64; E=64, R=16 gets 16)."""
-    return max(16 if not INTERPRET else 4, min(BLOCK_T, 16384 // (_pad(num_experts) * _pad(expert_rank))))
+    return max(16 if not INTERPRET else 4, min(BLOCK_T, 16384 // (pad(num_experts) * pad(expert_rank))))
 
 
 def _router_precision(dtype: torch.dtype) -> str:
@@ -74,11 +70,11 @@ def _router_precision(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
-                T, DIN, E, ER, RS, s_xt, s_rwt, s_ht, s_st, scaling,
-                R: tl.constexpr, K: tl.constexpr, HAS_RB: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr, R_PAD: tl.constexpr,
-                RS_PAD: tl.constexpr):
+def _route_expand_kernel(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
+                         T, DIN, E, ER, RS, s_xt, s_rwt, s_ht, s_st, scaling,
+                         R: tl.constexpr, K: tl.constexpr, HAS_RB: tl.constexpr, PREC: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr,
+                         R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r_ok = rows < T
     cols_e = tl.arange(0, E_PAD)
@@ -87,8 +83,7 @@ def _router_fwd(x_ptr, rw_ptr, rb_ptr, h_ptr, s_ptr, probs_ptr, idx_ptr,
     for d0 in range(0, DIN, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DIN
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xt + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        x = load_rows(x_ptr, rows, d, s_xt, r_ok, d_ok)
         rw = tl.load(rw_ptr + cols_e[:, None] * s_rwt + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         # Router in fp32 from the exact upcast of x: bf16 logits could overflow or flip the top-K.
         acc = tl.dot(x.to(ACC), tl.trans(rw.to(ACC)), acc, input_precision=PREC)
@@ -133,10 +128,10 @@ def _scale_adapters(h_ptr, out_ptr, rows, r_ok, gates, E, ER, RS, s_ht, s_ot, sc
 
 
 @triton.jit
-def _gate_route_bwd(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
-                    T, E, ER, RS, s_dst, s_ht, s_st, s_dhlt, s_dlt, dl_col, scaling,
-                    R: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                    E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
+def _route_bwd_kernel(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
+                      T, E, ER, RS, s_dst, s_ht, s_st, s_dhlt, s_dlt, dl_col, scaling,
+                      R: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                      E_PAD: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr):
     # Row strides for every [T, *] operand and the column of d_logits inside dhl: molora_gate_up runs this once
     # per projection on column slices of shared buffers ([h_gate | h_up], [dh_gate | dh_up | dl_gate | dl_up]).
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -179,30 +174,25 @@ def _gate_route_bwd(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
 
 
 @triton.jit
-def _router_wgrad(dl_ptr, x_ptr, out_ptr, T, DIN, E, s_xt, T_PER_SPLIT, PREC: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+def _router_wgrad_kernel(dl_ptr, x_ptr, out_ptr, T, DIN, E, s_xt, T_PER_SPLIT, PREC: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
     # Program (d block, split): dl^T x over its token range into fp32 partials [SPLIT, E, DIN].
     pid_d, split = tl.program_id(0), tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < DIN
     ce = tl.arange(0, E_PAD)
     acc = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
-    t_start = split * T_PER_SPLIT
-    t_end = tl.minimum(t_start + T_PER_SPLIT, T)
+    t_start, t_end = split_range(split, T_PER_SPLIT, T)
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
-        x = tl.load(x_ptr + t[:, None].to(tl.int64) * s_xt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = load_rows(x_ptr, t, d, s_xt, t_ok, d_ok)
         dl = tl.load(dl_ptr + t[None, :] * E + ce[:, None], mask=t_ok[None, :] & (ce < E)[:, None], other=0.0)
         acc = tl.dot(dl.to(ACC), x.to(ACC), acc, input_precision=PREC)
     tl.store(out_ptr + split * E * DIN + ce[:, None] * DIN + d[None, :], acc, mask=(ce < E)[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, seed,
                dropout):
     """x [T, Din]; weight [Dout, Din]; bias [Dout] | None; router_weight [E, Din]; router_bias [E] | None;
@@ -226,12 +216,12 @@ def route_expand(x, h, weight, bias, router_weight, router_bias, lora_b, top_k, 
     indices = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
     if t > 0:
         bt = _block_t(e, expert_rank)
-        _router_fwd[(triton.cdiv(t, bt),)](
+        _route_expand_kernel[(triton.cdiv(t, bt),)](
             x, router_weight, router_bias if router_bias is not None else router_weight, h, s, probs, indices,
             t, din, e, er, rt - er, x.stride(0), router_weight.stride(0), h.stride(0), s.stride(0), scaling,
             R=expert_rank, K=top_k, HAS_RB=router_bias is not None, PREC=_router_precision(x.dtype),
-            ACC=_acc(x.dtype), BLOCK_T=bt, BLOCK_D=BLOCK_D, E_PAD=_pad(e), R_PAD=_pad(expert_rank),
-            RS_PAD=_pad(rt - er))
+            ACC=tl_acc(x.dtype), BLOCK_T=bt, BLOCK_D=BLOCK_D, E_PAD=pad(e), R_PAD=pad(expert_rank),
+            RS_PAD=pad(rt - er))
     return gemm_sum([(x, weight)], s, lora_b, bias), probs, indices
 
 
@@ -267,10 +257,10 @@ def route_bwd(dy, h, probs, indices, lora_b, dhl, dl_col, dl, expert_rank, scali
     s = torch.empty(t, rt, dtype=dhl.dtype, device=dhl.device)
     if t > 0:
         bt = _block_t(e, expert_rank)
-        _gate_route_bwd[(triton.cdiv(t, bt),)](
+        _route_bwd_kernel[(triton.cdiv(t, bt),)](
             ds, h, probs, indices, dhl, s, dl, t, e, er, rt - er, ds.stride(0), h.stride(0), s.stride(0),
-            dhl.stride(0), dl.stride(0), dl_col, scaling, R=expert_rank, K=k, ACC=_acc(dhl.dtype), BLOCK_T=bt,
-            E_PAD=_pad(e), R_PAD=_pad(expert_rank), RS_PAD=_pad(rt - er))
+            dhl.stride(0), dl.stride(0), dl_col, scaling, R=expert_rank, K=k, ACC=tl_acc(dhl.dtype), BLOCK_T=bt,
+            E_PAD=pad(e), R_PAD=pad(expert_rank), RS_PAD=pad(rt - er))
     return dy.t() @ s                                                        # [Dout, Rt]
 
 
@@ -287,12 +277,12 @@ def router_wgrad(dl, x):
     e = dl.shape[1]
     if t == 0:
         return torch.zeros(e, din, dtype=dl.dtype, device=x.device)
-    block_d = _wgrad_block_d(_pad(e))
+    block_d = _wgrad_block_d(pad(e))
     n_d = triton.cdiv(din, block_d)
     n_split, per = token_splits(t, n_d, WGRAD_BLOCK_T, x.device)
     part = torch.empty(n_split, e, din, dtype=dl.dtype, device=x.device)
-    _router_wgrad[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
-                                  ACC=_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=_pad(e))
+    _router_wgrad_kernel[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
+                                  ACC=tl_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=pad(e))
     return part.sum(0)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import router_dtype
+from ._common import accum_dtype
 
 
 def _groups(a_base, a_orth) -> dict[tuple, list[int]]:
@@ -27,15 +27,11 @@ def _stack(tensors, ids, dtype) -> torch.Tensor:
     return torch.stack([tensors[i].to(dtype) for i in ids])
 
 
-def _accum_dtype(tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else router_dtype(tensors[0].dtype)
-
-
 class OrthPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n_pairs: int, *tensors):
         a_base, a_orth = tensors[:n_pairs], tensors[n_pairs:]
-        dt = _accum_dtype(tensors)
+        dt = accum_dtype(tensors)
         groups = _groups(a_base, a_orth)
         total = torch.zeros((), dtype=dt, device=tensors[0].device)
         signs = []

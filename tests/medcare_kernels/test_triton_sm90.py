@@ -70,8 +70,8 @@ SCRIPT = textwrap.dedent('''
                          dict(f, BLOCK_T=32 if dt == "fp32" else td.WGRAD_BLOCK_T, BLOCK_D=td._block_d(torch_dt)), 8)
             # The dX kernel loops over the rank in R_BLOCK steps (no chunks), with the unmasked router term.
             fx = {k: v for k, v in f.items() if k != "R_PAD"}
-            bad += check(f"dx {tag}", td._dx_kernel, [("dx_ptr", ty), ("ds_ptr", ty), ("a_ptr", ty), ("dl_ptr", ty),
-                                                      ("wr_ptr", ty)],
+            bad += check(f"dx {tag}", td._lowrank_dx_kernel,
+                         [("dx_ptr", ty), ("ds_ptr", ty), ("a_ptr", ty), ("dl_ptr", ty), ("wr_ptr", ty)],
                          {"s_dxt": "i32", "s_dst": "i32", "s_dlt": "i32", "E": "i32", "ACC_C": "constexpr",
                           "R_BLOCK": "constexpr", "E_PAD": "constexpr"},
                          dict(fx, ACC_C=True, BLOCK_T=td.BLOCK_T, BLOCK_D=td.DX_BLOCK_D, R_BLOCK=r_pad, E_PAD=16), 4)
