@@ -10,9 +10,11 @@ pytorch/extension-cpp: `register_fake` (shapes for torch.compile / meta tensors)
     orth_penalty(a_base, a_orth) -> (loss, signs)         backward: orth_penalty_backward(grad, signs, ...), one
                                                                      launch writing every gradient on CUDA
 
-The `ext` backend calls the ops inside plain autograd.Functions (_RouteTopK, _OrthPenalty) rather than through
-the registered autograd, whose per-call Python work (pytree over the tensor lists) is larger than the kernels'
-device time; both routes run the same forward and backward ops, and torch.compile traces either. The
+Two autograd routes per op, on purpose, sharing one backward function each (_route_grad, _orth_grads): the
+registered autograd serves direct callers of torch.ops.medcare.* (and torch.library.opcheck); the `ext` backend
+calls the ops inside plain autograd.Functions (_RouteTopK, _OrthPenalty) instead, because the registered
+route's per-call Python work (pytree over the tensor lists: 168 tensors for a 7B model's penalty) is larger than
+the kernels' device time. torch.compile traces either. The
 orth_penalty backward returns each side's gradients flat, in one allocation (one allocator call, not 168), which
 the Python side views per parameter.
 

@@ -282,7 +282,7 @@ def router_wgrad(dl, x):
     n_split, per = token_splits(t, n_d, WGRAD_BLOCK_T, x.device)
     part = torch.empty(n_split, e, din, dtype=dl.dtype, device=x.device)
     _router_wgrad_kernel[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
-                                  ACC=tl_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=pad(e))
+                                         ACC=tl_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=pad(e))
     return part.sum(0)
 
 
