@@ -127,27 +127,32 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, T, DIN, R, s_xt, s_ht, p, scal
 
 
 @triton.jit
-def _wgrad_kernel(ds_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, R, s_xt, s_dst, s_split, T_PER_SPLIT, p, scale,
-                  IEEE: tl.constexpr,
-                  UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                  R_PAD: tl.constexpr):
-    # Program (Din block, token split): dS^T drop(x) over its tokens into fp32 partials [SPLIT, R, DIN].
+def _wgrad_kernel(g_ptr, x_ptr, out_ptr, seed_ptr, T, DIN, C, s_xt, s_gt, s_split, T_PER_SPLIT, p, scale,
+                  DROPOUT: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, C_PAD: tl.constexpr):
+    # Program (Din block, token split): G^T x' over its tokens into fp32 partials [SPLIT, C, DIN]. Two launchers:
+    # wgrad (DROPOUT: dA = dS^T drop(x), dots in x's dtype by mma) and molora_triton.router_wgrad (dWr = dl^T x,
+    # fp32 dots at PREC on the exactly upcast x). G [T, C] has row stride s_gt.
     pid_d, split = tl.program_id(0), tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    r = tl.arange(0, R_PAD)
-    d_ok, r_ok = d < DIN, r < R
-    seed = tl.load(seed_ptr)
-    acc = tl.zeros((R_PAD, BLOCK_D), dtype=ACC)
+    c = tl.arange(0, C_PAD)
+    d_ok, c_ok = d < DIN, c < C
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((C_PAD, BLOCK_D), dtype=ACC)
     t_start, t_end = split_range(split, T_PER_SPLIT, T)
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
         x = load_rows(x_ptr, t, d, s_xt, t_ok, d_ok)
-        x = tl.where(_keep(seed, t, pid_d * BLOCK_D, DIN, p, BLOCK_D), x, tl.zeros_like(x))
-        ds_t = tl.load(ds_ptr + t[None, :] * s_dst + r[:, None], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
-        acc = mma(ds_t, x, acc, IEEE, UPCAST)
-    tl.store(out_ptr + split * s_split + r[:, None] * DIN + d[None, :], acc * scale,
-             mask=r_ok[:, None] & d_ok[None, :])
+        g_t = tl.load(g_ptr + t[None, :] * s_gt + c[:, None], mask=c_ok[:, None] & t_ok[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, t, pid_d * BLOCK_D, DIN, p, BLOCK_D), x, tl.zeros_like(x))
+            acc = mma(g_t, x, acc, IEEE, UPCAST)
+        else:
+            acc = tl.dot(g_t.to(ACC), x.to(ACC), acc, input_precision=PREC)
+    tl.store(out_ptr + split * s_split + c[:, None] * DIN + d[None, :], acc * scale,
+             mask=c_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -233,8 +238,9 @@ def wgrad(ds: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | None, p: float
     part = torch.empty(n_split, r, din, dtype=router_dtype(x.dtype), device=x.device)
     for c0, c1 in _chunks(r):
         _wgrad_kernel[(n_d, n_split)](ds[:, c0:], x, part[:, c0:], seed, t, din, c1 - c0, x.stride(0),
-                                      ds.stride(0), part.stride(0), per, p, 1.0 / (1.0 - p), **dot_flags(x.dtype),
-                                      BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=pad(c1 - c0), num_warps=8)
+                                      ds.stride(0), part.stride(0), per, p, 1.0 / (1.0 - p), DROPOUT=True,
+                                      PREC="ieee", **dot_flags(x.dtype),
+                                      BLOCK_T=block_t, BLOCK_D=block_d, C_PAD=pad(c1 - c0), num_warps=8)
     return part.sum(0).to(x.dtype)
 
 

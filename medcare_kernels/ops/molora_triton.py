@@ -32,8 +32,9 @@ Backward:
     dX = dY W + [dh | dl] [lora_a; Wr]   gemm_sum, as the forward (K = Rt + E); with dropout the dh part goes
                                          through the mask: _triton_dropout.input_grad (one Triton pass writes
                                          drop'(dh A) + dl Wr, then cuBLAS adds dY W)
-    _router_wgrad_kernel                        d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
-                                         partials summed afterwards (deterministic, no atomics)
+    router_wgrad                         d Wr = dl^T x in fp32 from one pass over x, split over T into fp32
+                                         partials summed afterwards (deterministic, no atomics): the dropout
+                                         dA's kernel (_triton_dropout._wgrad_kernel) without the mask
 Reference: medcare_kernels.reference.molora_linear.
 """
 
@@ -46,7 +47,7 @@ import triton.language as tl
 from ..reference import router_dtype
 from . import _triton_dropout
 from ._common import grad_like
-from ._triton_gemm import INTERPRET, WGRAD_BLOCK_T, gemm_sum, load_rows, pad, split_range, tl_acc, token_splits
+from ._triton_gemm import INTERPRET, WGRAD_BLOCK_T, gemm_sum, load_rows, pad, tl_acc, token_splits
 
 # ---------------------------------------------------------------------------------------------- tile configs
 # Tokens per program of the routing kernels: their tiles are [tokens, E_PAD] and [tokens, E, R], small enough
@@ -173,25 +174,6 @@ def _route_bwd_kernel(ds_ptr, h_ptr, probs_ptr, idx_ptr, dhl_ptr, s_ptr, dl_ptr,
              mask=r_ok[:, None] & e_ok[None, :])
 
 
-@triton.jit
-def _router_wgrad_kernel(dl_ptr, x_ptr, out_ptr, T, DIN, E, s_xt, T_PER_SPLIT, PREC: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
-    # Program (d block, split): dl^T x over its token range into fp32 partials [SPLIT, E, DIN].
-    pid_d, split = tl.program_id(0), tl.program_id(1)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < DIN
-    ce = tl.arange(0, E_PAD)
-    acc = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
-    t_start, t_end = split_range(split, T_PER_SPLIT, T)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < t_end
-        x = load_rows(x_ptr, t, d, s_xt, t_ok, d_ok)
-        dl = tl.load(dl_ptr + t[None, :] * E + ce[:, None], mask=t_ok[None, :] & (ce < E)[:, None], other=0.0)
-        acc = tl.dot(dl.to(ACC), x.to(ACC), acc, input_precision=PREC)
-    tl.store(out_ptr + split * E * DIN + ce[:, None] * DIN + d[None, :], acc, mask=(ce < E)[:, None] & d_ok[None, :])
-
-
 # ---------------------------------------------------------------------------------------------- launchers
 def molora_fwd(x, weight, bias, router_weight, router_bias, lora_a, lora_b, top_k, expert_rank, scaling, seed,
                dropout):
@@ -281,8 +263,11 @@ def router_wgrad(dl, x):
     n_d = triton.cdiv(din, block_d)
     n_split, per = token_splits(t, n_d, WGRAD_BLOCK_T, x.device)
     part = torch.empty(n_split, e, din, dtype=dl.dtype, device=x.device)
-    _router_wgrad_kernel[(n_d, n_split)](dl, x, part, t, din, e, x.stride(0), per, PREC=_router_precision(x.dtype),
-                                         ACC=tl_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T, BLOCK_D=block_d, E_PAD=pad(e))
+    # _triton_dropout's weight-gradient kernel without the mask (its seed pointer is then never read: x stands in).
+    _triton_dropout._wgrad_kernel[(n_d, n_split)](
+        dl, x, part, x, t, din, e, x.stride(0), dl.stride(0), part.stride(0), per, 0.0, 1.0, DROPOUT=False,
+        PREC=_router_precision(x.dtype), IEEE=False, UPCAST=False, ACC=tl_acc(x.dtype), BLOCK_T=WGRAD_BLOCK_T,
+        BLOCK_D=block_d, C_PAD=pad(e))
     return part.sum(0)
 
 
