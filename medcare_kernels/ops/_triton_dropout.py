@@ -14,8 +14,9 @@ x), and the 64-bit counter is split into two 32-bit words by hand, so every Trit
 
 Why: the torch-RNG draw (reference.dropout_keep_mask) writes and reads a [T, Din] fp32 uniform tensor, a bool
 mask and a dropped copy of x, in the forward and again in the backward, and the masked input gradient costs
-three more [T, Din] passes (about 1.3 GB per projection at T=8192, Din=4096 in bf16). Here the extra traffic is the one read of x in each of shrink and wgrad and one read-modify-write of
-dX. drop(x) is scaled by 1/(1-p) in fp32, after the dot (the reference rounds x/(1-p) to x's dtype first).
+three more [T, Din] passes (about 1.3 GB per projection at T=8192, Din=4096 in bf16). Here the extra traffic
+is the one read of x in each of shrink and wgrad and one read-modify-write of dX. drop(x) is scaled by
+1/(1-p) in fp32, after the dot (the reference rounds x/(1-p) to x's dtype first).
 Launch shapes: 8 warps for shrink and wgrad (at 4 the Philox state spilled registers on sm_90), Din blocks
 sized by dtype (`_block_d`), shrink and wgrad ranks over 64 in chunks of 64 (R_CHUNK; the dX kernel loops over
 the rank, so it makes one pass for any rank), 32-token wgrad tiles for fp32.
