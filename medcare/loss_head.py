@@ -46,8 +46,7 @@ class ChunkedLMHead(nn.Module):
         self.weight = lm_head.weight
         self.bias = lm_head.bias
         self.labels: torch.Tensor | None = None  # set by the model's forward pre-hook, taken by forward
-        self.pending: torch.Tensor | None = None  # the loss sum forward returned, until loss_function takes it
-        self.count: torch.Tensor | None = None  # its number of supervised positions
+        self.count: torch.Tensor | None = None  # supervised positions of the loss sum forward just returned
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -60,7 +59,7 @@ class ChunkedLMHead(nn.Module):
         with _backend_with_this_op(hidden.device):
             total = mk.linear_cross_entropy(hidden, self.weight, self.bias, targets, ignore_index=IGNORE_INDEX,
                                             reduction="sum")
-        self.pending, self.count = total, (targets != IGNORE_INDEX).sum()
+        self.count = (targets != IGNORE_INDEX).sum()
         return total
 
     def take(self, logits) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -68,9 +67,9 @@ class ChunkedLMHead(nn.Module):
         The sum is `logits` itself, not the tensor forward returned: DeepSpeed ZeRO-3 passes module outputs
         through an autograd Function of its own (to gather the parameters again for backward), so the model
         may hold a new 0-d tensor, and the loss must be built from that one."""
-        mine = self.pending is not None and torch.is_tensor(logits) and logits.dim() == 0
+        mine = self.count is not None and torch.is_tensor(logits) and logits.dim() == 0
         found = (logits, self.count) if mine else None
-        self.pending = self.count = None
+        self.count = None
         return found
 
 
@@ -110,7 +109,7 @@ def _hand_labels_to_head(head: ChunkedLMHead):
         all_positions = keep is None or (isinstance(keep, int) and keep == 0)
         head.labels = labels if (module.training and labels is not None and all_positions
                                  and kwargs.get("shift_labels") is None) else None
-        head.pending = head.count = None
+        head.count = None
     return hook
 
 
@@ -130,21 +129,18 @@ def unsupported(model) -> str | None:
 class Installed:
     """What install() changed; remove() puts the model's own head and loss back."""
 
-    def __init__(self, model, head: ChunkedLMHead, original_head: nn.Linear, had_loss_function: bool, handle):
-        self.model, self.head, self._original = model, head, original_head
+    def __init__(self, model, head: ChunkedLMHead, original_head: nn.Linear, loss_fn: _PassThroughLoss,
+                 had_loss_function: bool, handle):
+        self.model, self.head, self._original, self._loss_fn = model, head, original_head, loss_fn
         self._had_loss_function, self._handle = had_loss_function, handle
 
     def remove(self) -> None:
         self._handle.remove()
         self.model.lm_head = self._original
         if self._had_loss_function:
-            self.model.loss_function = self.head_loss.original
+            self.model.loss_function = self._loss_fn.original
         else:
             del self.model._loss_function
-
-    @property
-    def head_loss(self) -> _PassThroughLoss:
-        return self.model.loss_function
 
 
 def install(model) -> Installed:
@@ -159,4 +155,4 @@ def install(model) -> Installed:
     model.lm_head = head
     model.loss_function = loss_fn
     handle = model.register_forward_pre_hook(_hand_labels_to_head(head), with_kwargs=True)
-    return Installed(model, head, original, had, handle)
+    return Installed(model, head, original, loss_fn, had, handle)
